@@ -1,0 +1,113 @@
+"""The token-method API: a method names its pruning sites and, at each, scores and selects.
+
+The engine (``engine.py``) owns hooks, shapes, positions, masks and the KV cache; a method never
+touches modules. At every site the engine hands the method a :class:`SiteContext` and applies the
+:class:`Reduction` it returns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+
+Where = Literal["vision", "llm"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """Prune on the *input* of ``layer``: ``Site("vision", 3)`` runs after vision layers 0..2;
+    ``Site("llm", 0)`` is "before the LLM" (after the projector and any packing/merger)."""
+
+    where: Where
+    layer: int
+
+
+@dataclass
+class ModelPlan:
+    """What a method may know about the model before the forward, to place its sites."""
+
+    family: str
+    n_vision_layers: int          # 0 when in-encoder sites are unsupported for this family
+    vision_feature_layer: int     # non-negative index of the encoder layer whose output the LLM reads
+    n_llm_layers: int
+    has_cls: bool
+
+
+@dataclass
+class Reduction:
+    """What a method returns at a site.
+
+    ``keep``: (B, k) indices into the current visual tokens (``SiteContext.visual``), any order;
+    the engine sorts them. ``hidden``: optional (B, k, D) replacement states for the kept tokens
+    (merging methods: EViT, ToMe, VisionZip). ``sizes``: optional (B, k) token sizes for
+    proportional attention (ToMe).
+    """
+
+    keep: torch.Tensor
+    hidden: torch.Tensor | None = None
+    sizes: torch.Tensor | None = None
+
+
+@dataclass
+class SiteContext:
+    """Everything a scorer may read at one site, for the current batch.
+
+    ``hidden``: (B, N, D) the sequence at the site (vision: [CLS] + patches; LLM: the whole prompt).
+    ``visual``: (B, V) positions of the current visual tokens in ``hidden``.
+    ``original``: (B, V) original visual-token index of each (0..n_visual-1), for overlays and grids.
+    ``n_visual``: visual tokens before any pruning. ``cls``: index of [CLS] in ``hidden`` or None.
+    ``query``: (B,) index of the row a scorer ranks by in the LLM (the last prompt token, or the
+    scoring-only token when the method inserted one).
+    ``attention(layer, rows=None)``: head-mean attention probabilities (B, R, N) of an earlier
+    layer recorded since the previous site, computed from that layer's q and k (SDPA stays on).
+    ``values(layer)`` / ``keys(layer)``: (B, N, H*d) value / key vectors of that layer.
+    ``inputs``: the model inputs of this forward (``input_ids``, ``attention_mask``, ...).
+    ``state``: a dict the method may use to carry results from one site to the next.
+    """
+
+    site: Site
+    hidden: torch.Tensor
+    visual: torch.Tensor
+    original: torch.Tensor
+    n_visual: int
+    cls: int | None
+    query: torch.Tensor | None
+    attention: Callable[..., torch.Tensor]
+    values: Callable[[int], torch.Tensor]
+    keys: Callable[[int], torch.Tensor]
+    inputs: dict[str, Any]
+    state: dict[str, Any] = field(default_factory=dict)
+    sizes: torch.Tensor | None = None
+
+
+class TokenMethod:
+    """Base class: subclasses set ``name`` and implement :meth:`sites` and :meth:`reduce`.
+
+    ``keep`` follows the project convention: an int >= 1 is a count of visual tokens kept at the
+    end, a float in (0, 1) a fraction of the visual tokens present.
+    """
+
+    name: str = ""
+
+    def sites(self, plan: ModelPlan) -> list[Site]:
+        raise NotImplementedError
+
+    def recorded_layers(self, site: Site, plan: ModelPlan) -> list[int]:
+        """Layers (same tower as ``site``) whose q/k/v the engine must record before ``site``."""
+        return []
+
+    def reduce(self, ctx: SiteContext) -> Reduction:
+        raise NotImplementedError
+
+    def scoring_token(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """Optional (B, D) LLM-space embedding of a scoring-only token (IVTP's pseudo-[CLS]).
+
+        The engine places it right after the visual tokens with the position of the first text
+        token, masks it as a key for every other token, and drops it after the last LLM site."""
+        return None
+
+    def spec(self) -> str:
+        """The SPEC string that rebuilds this method (used in reports)."""
+        settings = ",".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{self.name}:{settings}" if settings else self.name
