@@ -1,0 +1,57 @@
+"""``vlmprune eval``: toy-task accuracy, retention, FLOPs and latency of one model and token method."""
+from __future__ import annotations
+
+import json
+
+from ..errors import VlmpruneError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="accuracy per toy task, retention, FLOPs and prefill latency",
+        description="Evaluate a model on the toy tasks, optionally with a token-pruning method attached.")
+    parser.add_argument("--model", required=True, help="toy-large, toy-small or a save_pretrained directory")
+    parser.add_argument("--tokens", default=None, metavar="SPEC", help="token method, e.g. ivtp:keep=16")
+    parser.add_argument("--tasks", default=None, metavar="LIST", help="comma-separated toy tasks (default: all)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="B")
+    parser.add_argument("--reference", default=None, metavar="JSON",
+                        help="an eval --json of the dense model to compute retention against "
+                             "(for weight-pruned models; token methods default to the same model without them)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
+    parser.add_argument("--md", default=None, metavar="PATH", help="write the result as a Markdown table")
+    parser.set_defaults(func=run)
+
+
+def _reference_tasks(path: str) -> dict:
+    try:
+        with open(path) as handle:
+            return json.load(handle)["tasks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise VlmpruneError(f"--reference {path} is not a readable eval --json result") from None
+
+
+def run(args) -> int:
+    from .harness import evaluate, resolve_tasks, token_method
+    from .loading import load_model
+    from .report import markdown_table, write_json, write_text
+
+    if args.limit is not None and args.limit < 1:
+        raise VlmpruneError(f"--limit must be at least 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise VlmpruneError(f"--batch-size must be at least 1, got {args.batch_size}")
+    method = token_method(args.tokens)
+    tasks = resolve_tasks(args.tasks)
+    reference = _reference_tasks(args.reference) if args.reference else None
+    model, processor = load_model(args.model)
+    result = evaluate(model, processor, tokens=method, tasks=tasks, limit=args.limit,
+                      batch_size=args.batch_size, reference=reference, model_name=args.model)
+    if args.tokens:
+        result["tokens"] = args.tokens
+    table = markdown_table([{"label": args.tokens or "dense", "result": result}])
+    if args.json:
+        write_json(args.json, result)
+    if args.md:
+        write_text(args.md, table)
+    print(table, end="")
+    return 0

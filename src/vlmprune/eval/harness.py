@@ -1,0 +1,181 @@
+"""The toy-task harness: batched greedy answers, exact-match accuracy, retention, FLOPs and latency.
+
+A result is a plain dict (the ``vlmprune eval --json`` contract)::
+
+    {"model": name, "tokens": SPEC or None, "tasks": {task: {"accuracy": fraction, "n": items}},
+     "average": fraction, "retention": percent or None,
+     "flops": {"vision", "projector", "llm", "extra", "total"}, "prefill_ms": median}
+
+With a token method, retention is measured against the same model without it on the same items;
+that dense result is cached on disk (see :mod:`.dense_cache`) so sweeps do not recompute it.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import toyworld
+from ..errors import VlmpruneError
+from . import dense_cache
+from .normalize import is_correct
+from .retention import retention
+
+MAX_NEW_TOKENS = 8
+LATENCY_REPEATS = 5
+
+
+def resolve_tasks(tasks: str | Iterable[str] | None) -> list[str]:
+    """Task names to run: all toy tasks when ``None``; a comma-separated string or a list otherwise."""
+    if tasks is None:
+        return list(toyworld.TASKS)
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    unknown = [t for t in names if t not in toyworld.TASKS]
+    if unknown or not names:
+        raise VlmpruneError(
+            f"unknown task {unknown[0] if unknown else '(none given)'!r}; choose from: {', '.join(toyworld.TASKS)}")
+    return names
+
+
+def load_items(tasks: Sequence[str], limit: int | None) -> dict[str, list]:
+    """The first ``limit`` items of each task's fixed test split (all of it when ``None``)."""
+    if limit is not None and limit < 1:
+        raise VlmpruneError(f"--limit must be at least 1, got {limit}")
+    return {task: list(toyworld.test_split(task, limit)) for task in tasks}
+
+
+def token_method(tokens: Any):
+    """A token method from a SPEC string, an already built method, or ``None``."""
+    if tokens is None or not isinstance(tokens, str):
+        return tokens
+    from .. import tokens as token_api
+    return token_api.from_spec(tokens)
+
+
+def _model_inputs(processor, items: Sequence, device: torch.device, dtype: torch.dtype) -> dict:
+    """Processor outputs for a batch, left padded so that generation appends at the same column."""
+    tokenizer = processor.tokenizer
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        prompts = [toyworld.build_prompt(processor, item.question) for item in items]
+        inputs = processor(images=[item.image for item in items], text=prompts, return_tensors="pt",
+                           padding=True)
+    finally:
+        tokenizer.padding_side = side
+    inputs = inputs.to(device)
+    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return dict(inputs)
+
+
+@torch.no_grad()
+def generate_answers(model, processor, items: Sequence, batch_size: int = 16,
+                     max_new_tokens: int = MAX_NEW_TOKENS, desc: str = "eval",
+                     progress: bool = True) -> list[str]:
+    """Greedy replies to each item's question, decoded without special tokens."""
+    if batch_size < 1:
+        raise VlmpruneError(f"--batch-size must be at least 1, got {batch_size}")
+    tokenizer = processor.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    replies: list[str] = []
+    starts = range(0, len(items), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+        batch = items[start:start + batch_size]
+        inputs = _model_inputs(processor, batch, model.device, model.dtype)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=pad_id)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        replies.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return replies
+
+
+def score(items_by_task: dict[str, list], replies: Sequence[str]) -> dict[str, dict]:
+    """``{task: {"accuracy", "n"}}`` from replies given in the order of the items."""
+    tasks: dict[str, dict] = {}
+    position = 0
+    for task, items in items_by_task.items():
+        hits = sum(is_correct(reply, item.answer, item.options)
+                   for item, reply in zip(items, replies[position:position + len(items)]))
+        position += len(items)
+        tasks[task] = {"accuracy": hits / len(items) if items else 0.0, "n": len(items)}
+    return tasks
+
+
+def average(tasks: dict[str, dict]) -> float:
+    """Unweighted mean of the per-task accuracies (each task counts the same, as in the papers)."""
+    return sum(t["accuracy"] for t in tasks.values()) / len(tasks)
+
+
+def _cost(model, processor, method, sample) -> tuple[dict, float]:
+    """Counted FLOPs by part and median prefill latency (ms) for one item at batch 1."""
+    from .. import measure
+    inputs = _model_inputs(processor, [sample], model.device, model.dtype)
+    flops = measure.counted_flops(model, inputs, tokens=method)
+    prefill_ms = measure.prefill_ms(model, inputs, tokens=method, repeats=LATENCY_REPEATS)
+    return {part: int(flops[part]) for part in ("vision", "projector", "llm", "extra", "total")}, prefill_ms
+
+
+def _accuracy(model, processor, method, items_by_task, batch_size, max_new_tokens, progress, desc):
+    items = [item for task_items in items_by_task.values() for item in task_items]
+    if method is None:
+        return score(items_by_task, generate_answers(model, processor, items, batch_size,
+                                                     max_new_tokens, desc, progress))
+    from .. import tokens as token_api
+    handle = token_api.apply(model, method)
+    try:
+        replies = generate_answers(model, processor, items, batch_size, max_new_tokens, desc, progress)
+    finally:
+        handle.remove()
+    return score(items_by_task, replies)
+
+
+def dense_accuracy(model, processor, items_by_task: dict[str, list], limit: int | None,
+                   batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS,
+                   progress: bool = True) -> dict[str, dict]:
+    """Per-task accuracy without token pruning, from the on-disk cache when this model has been run."""
+    key = dense_cache.key(model, list(items_by_task), limit, max_new_tokens)
+    cached = dense_cache.read(key)
+    if cached is not None:
+        return cached
+    tasks = _accuracy(model, processor, None, items_by_task, batch_size, max_new_tokens, progress,
+                      "eval dense")
+    dense_cache.write(key, tasks)
+    return tasks
+
+
+def evaluate(model, processor, tokens=None, tasks=None, limit: int | None = None, *,
+             batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS,
+             reference: dict | None = None, measure: bool = True, progress: bool = True,
+             model_name: str | None = None) -> dict:
+    """Evaluate ``model`` on the toy tasks, optionally with a token method (SPEC or object) attached.
+
+    ``reference``: the ``"tasks"`` part of a dense result to compute retention against (a
+    weight-pruned model against its original); by default, with a token method, the same model
+    without it. ``measure=False`` skips FLOPs and latency (both are then ``None``).
+    """
+    method = token_method(tokens)
+    names = resolve_tasks(tasks)
+    items_by_task = load_items(names, limit)
+    if method is None:
+        per_task = dense_accuracy(model, processor, items_by_task, limit, batch_size, max_new_tokens,
+                                  progress)
+    else:
+        per_task = _accuracy(model, processor, method, items_by_task, batch_size, max_new_tokens,
+                             progress, f"eval {method.spec()}")
+        if reference is None:
+            reference = dense_accuracy(model, processor, items_by_task, limit, batch_size,
+                                       max_new_tokens, progress)
+    flops, prefill_ms = (None, None)
+    if measure:
+        flops, prefill_ms = _cost(model, processor, method, items_by_task[names[0]][0])
+    return {
+        "model": model_name or getattr(model, "name_or_path", "") or type(model).__name__,
+        "tokens": tokens if isinstance(tokens, str) or method is None else method.spec(),
+        "tasks": per_task,
+        "average": average(per_task),
+        "retention": None if reference is None else retention(per_task, reference),
+        "flops": flops,
+        "prefill_ms": prefill_ms,
+    }

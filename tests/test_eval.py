@@ -1,0 +1,188 @@
+"""The eval harness: lmms-eval style normalisation, retention arithmetic, the JSON schema, caching."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vlmprune.errors import VlmpruneError
+from vlmprune.eval import dense_cache, harness
+from vlmprune.eval.normalize import is_correct, option_letter, vqa_normalize, yes_no
+from vlmprune.eval.report import markdown_table
+from vlmprune.eval.retention import retention
+
+
+def _tiny_processor():
+    """A LLaVA processor with a word-level tokenizer over the toy vocabulary, 32 px images, 8 px patches."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from vlmprune.toyworld.scenes import COLOURS, SHAPES
+    words = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "yes", "no", "a", "b", "c", "d", "?", ".",
+             *COLOURS, *SHAPES, *"0123456789", "zero", "one", "two", "three", "four", "five"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>",
+                                        extra_special_tokens={"image_token": "<image>"})
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          image_token="<image>")
+
+
+@pytest.fixture
+def tiny_llava():
+    """A random-weight LlavaForConditionalGeneration (2+2 layers, 16 patches + [CLS]) and its processor."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    processor = _tiny_processor()
+    vocab = len(processor.tokenizer)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                pad_token_id=0, bos_token_id=2, eos_token_id=3),
+        image_token_id=processor.tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval(), processor
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Two", "2"),
+    ("The red square.", "red square"),
+    ("a circle", "circle"),
+    ("  Yes\n", "yes"),
+    ("ten!", "10"),
+    ("left-of", "left of"),
+    ("it isnt", "it isn't"),
+    ("3.5", "3.5"),
+    ("what's that?", "what 's that"),
+    ("none", "0"),
+])
+def test_vqa_normalize_follows_lmms_eval(reply, expected):
+    assert vqa_normalize(reply) == expected
+
+
+def test_yes_no_reads_the_leading_verdict():
+    assert yes_no("Yes, there is.") == "yes"
+    assert yes_no("no") == "no"
+    assert yes_no("maybe yes") == "maybe yes"
+
+
+@pytest.mark.parametrize("reply, letter", [
+    ("B", "B"), ("b", "B"), ("(C) red", "C"), ("D.", "D"), ("blue", "B"), ("A red square", ""),
+    ("E", ""), ("green", ""),
+])
+def test_option_letter(reply, letter):
+    assert option_letter(reply, ["red", "blue", "green square", "pink"]) == letter
+
+
+def test_is_correct_picks_the_rule_of_the_item():
+    assert is_correct("three", "3")
+    assert is_correct("Three.", "three")
+    assert not is_correct("four", "three")
+    assert is_correct("yes it is", "yes")
+    assert not is_correct("no", "yes")
+    assert is_correct("b", "b", ["red", "blue", "green", "pink"])
+    assert is_correct("blue", "B", ["red", "blue", "green", "pink"])
+    assert not is_correct("a", "b", ["red", "blue", "green", "pink"])
+
+
+def test_retention_is_the_mean_of_per_task_ratios():
+    dense = {"x": {"accuracy": 0.8, "n": 10}, "y": {"accuracy": 0.5, "n": 10}}
+    pruned = {"x": {"accuracy": 0.4, "n": 10}, "y": {"accuracy": 0.5, "n": 10}}
+    assert retention(pruned, dense) == pytest.approx(75.0)  # (50% + 100%) / 2, not 0.9 / 1.3
+    dense["z"] = {"accuracy": 0.0, "n": 10}
+    pruned["z"] = {"accuracy": 0.3, "n": 10}
+    assert retention(pruned, dense) == pytest.approx(75.0)  # no ratio where dense scores 0
+    assert retention({"z": pruned["z"]}, {"z": dense["z"]}) is None
+    with pytest.raises(VlmpruneError):
+        retention({"x": {"accuracy": 0.4, "n": 9}}, {"x": {"accuracy": 0.8, "n": 10}})
+    with pytest.raises(VlmpruneError):
+        retention({"x": pruned["x"]}, {"y": dense["y"]})
+
+
+def test_score_and_average_follow_item_order():
+    class Item:
+        def __init__(self, answer, options=None):
+            self.answer, self.options = answer, options
+    items = {"a": [Item("yes"), Item("no")], "b": [Item("two"), Item("c", ["x", "y", "z"])]}
+    tasks = harness.score(items, ["yes", "yes", "2", "C"])
+    assert tasks == {"a": {"accuracy": 0.5, "n": 2}, "b": {"accuracy": 1.0, "n": 2}}
+    assert harness.average(tasks) == pytest.approx(0.75)
+
+
+def test_markdown_table_reports_failures_on_their_row():
+    ok = {"tasks": {"x": {"accuracy": 0.5, "n": 2}}, "average": 0.5, "retention": 80.0,
+          "flops": {"total": 2_000_000_000}, "prefill_ms": 1.25}
+    table = markdown_table([{"label": "ok", "result": ok}, {"label": "bad", "error": "keep too large"}])
+    lines = table.splitlines()
+    assert lines[0] == "| method | x | average | retention % | GFLOPs | prefill ms |"
+    assert lines[2] == "| ok | 50.0 | 50.0 | 80.0 | 2 | 1.2 |"
+    assert lines[3].startswith("| bad | failed: keep too large |")
+
+
+def test_dense_cache_key_changes_with_the_weights(tiny_llava):
+    model, _ = tiny_llava
+    before = dense_cache.key(model, ["existence"], 20, 8)
+    assert before == dense_cache.key(model, ["existence"], 20, 8)
+    assert before != dense_cache.key(model, ["existence"], 10, 8)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = 0.0
+    assert before != dense_cache.key(model, ["existence"], 20, 8)
+
+
+SCHEMA_PARTS = {"vision", "projector", "llm", "extra", "total"}
+
+
+def check_schema(result: dict, tasks: list[str], n: int) -> None:
+    assert set(result) == {"model", "tokens", "tasks", "average", "retention", "flops", "prefill_ms"}
+    assert list(result["tasks"]) == tasks
+    for entry in result["tasks"].values():
+        assert set(entry) == {"accuracy", "n"} and entry["n"] == n and 0 <= entry["accuracy"] <= 1
+    assert result["average"] == pytest.approx(sum(t["accuracy"] for t in result["tasks"].values()) / len(tasks))
+    json.dumps(result)
+
+
+def test_evaluate_on_a_20_item_slice(tiny_llava, monkeypatch, tmp_path):
+    monkeypatch.setenv("VLMPRUNE_CACHE", str(tmp_path))
+    model, processor = tiny_llava
+    calls = []
+    real = harness.generate_answers
+    monkeypatch.setattr(harness, "generate_answers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = harness.evaluate(model, processor, tasks="existence,counting", limit=20, batch_size=8,
+                              measure=False, progress=False)
+    check_schema(result, ["existence", "counting"], 20)
+    assert result["tokens"] is None and result["retention"] is None
+    again = harness.evaluate(model, processor, tasks="existence,counting", limit=20, measure=False,
+                             progress=False)
+    assert again["tasks"] == result["tasks"] and len(calls) == 1  # the dense run came from the cache
+
+
+def test_batched_generation_equals_one_by_one(tiny_llava):
+    model, processor = tiny_llava
+    from vlmprune import toyworld
+    items = toyworld.test_split("attribute", 5)
+    batched = harness.generate_answers(model, processor, items, batch_size=5, progress=False)
+    single = [harness.generate_answers(model, processor, [item], batch_size=1, progress=False)[0]
+              for item in items]
+    assert batched == single
+
+
+def test_bad_tasks_and_limits_are_one_line_errors():
+    with pytest.raises(VlmpruneError, match="unknown task 'nope'"):
+        harness.resolve_tasks("existence,nope")
+    with pytest.raises(VlmpruneError, match="at least 1"):
+        harness.load_items(["existence"], 0)
+
+
+@pytest.fixture(autouse=True)
+def _toyworld_exports(monkeypatch):  # TEMPORARY until vlmprune.toyworld exports land
+    from vlmprune import toyworld
+    from vlmprune.toyworld import tasks
+    for name in ("TASKS", "test_split"):
+        if not hasattr(toyworld, name):
+            monkeypatch.setattr(toyworld, name, getattr(tasks, name), raising=False)
+    if not hasattr(toyworld, "build_prompt"):
+        monkeypatch.setattr(toyworld, "build_prompt", lambda processor, q: f"<image> {q}", raising=False)
