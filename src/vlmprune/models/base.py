@@ -1,0 +1,120 @@
+"""The adapter contract: where a model family keeps its parts, so that nothing else needs to know.
+
+Every family answers the same questions (see docs/ARCHITECTURE.md); the token engine and the weight
+engine only talk to a :class:`ModelAdapter`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import VlmpruneError
+
+
+class ModelAdapter:
+    """Base adapter: family modules fill in the module paths in ``__init__``."""
+
+    family: str = ""
+    has_cls: bool = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.core = model.model                     # the *Model that owns get_image_features
+        self.llm = self.core.language_model
+        self.llm_layers: nn.ModuleList = self.llm.layers
+        self.lm_head: nn.Module = model.lm_head
+        self.vision_tower: nn.Module = None
+        self.projector: nn.Module = None
+        self.vision_layers: nn.ModuleList | None = None
+        self.vision_feature_layer: int | None = None
+        self.image_token_id: int = model.config.image_token_id
+
+    # -- tokens in the LLM sequence -------------------------------------------------------
+    def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool, True at visual-token positions."""
+        return input_ids == self.image_token_id
+
+    def image_spans(self, input_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """Per sample, the ``(start, end)`` runs of visual tokens (end exclusive)."""
+        spans = []
+        for row in self.image_token_mask(input_ids).tolist():
+            runs, start = [], None
+            for i, flag in enumerate(row + [False]):
+                if flag and start is None:
+                    start = i
+                elif not flag and start is not None:
+                    runs.append((start, i))
+                    start = None
+            spans.append(runs)
+        return spans
+
+    def patch_grid(self, inputs: dict[str, Any]) -> tuple[int, int]:
+        """(rows, cols) of the base image's visual tokens, for overlays."""
+        raise NotImplementedError
+
+    # -- what the token engine needs ------------------------------------------------------
+    @property
+    def llm_rotary(self) -> nn.Module:
+        return self.llm.rotary_emb
+
+    def image_feature_counts(self, image_outputs: Any) -> list[int]:
+        """Visual tokens per image in the LLM sequence, read from the features' shapes."""
+        return [int(f.shape[0]) for f in image_outputs.pooler_output]
+
+    def llm_qkv(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Query, key and value heads (B, H, N, d) that LLM ``layer`` computes from its input
+        ``hidden``: RoPE applied to q and k, grouped kv heads repeated to H."""
+        block = self.llm_layers[layer]
+        attn = block.self_attn
+        h = block.input_layernorm(hidden)
+        b, n, _ = h.shape
+        q = attn.q_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        k_raw = k
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        rep = q.shape[1] // k.shape[1]
+        return (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                k_raw.repeat_interleave(rep, 1), attn.scaling)
+
+    def vision_qkv(self, layer: int, hidden: torch.Tensor):
+        """Query, key and value heads (B, H, N, d) of vision ``layer`` for its input ``hidden``."""
+        raise VlmpruneError(f"{self.family}: pruning inside the vision encoder is not supported; use Site('llm', 0) or later")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class ClipTowerMixin:
+    """Vision towers of the CLIP/SigLIP kind: ``vision_model.encoder.layers`` with ``layer_norm1``."""
+
+    @property
+    def has_cls(self) -> bool:
+        return self.vision_tower.config.model_type == "clip_vision_model"
+
+    def _tower_layers(self) -> nn.ModuleList:
+        tower = getattr(self.vision_tower, "vision_model", self.vision_tower)
+        return tower.encoder.layers
+
+    def _feature_layer_index(self) -> int:
+        """Non-negative index of the encoder layer whose output the LLM reads."""
+        layer = self.model.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise VlmpruneError("a list of vision_feature_layer values is not supported; use one layer")
+        n = len(self._tower_layers())
+        return layer - 1 if layer > 0 else n + layer  # hidden_states[j] is the output of layer j-1
+
+    def vision_qkv(self, layer: int, hidden: torch.Tensor):
+        block = self._tower_layers()[layer]
+        attn = block.self_attn
+        h = block.layer_norm1(hidden)
+        b, n, _ = h.shape
+        heads = [proj(h).view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
+                 for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        return heads[0], heads[1], heads[2], heads[1], attn.scale
