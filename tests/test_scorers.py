@@ -123,3 +123,10 @@ def test_square_grid():
     assert scorers.square_grid(576) == (24, 24)
     with pytest.raises(VlmpruneError):
         scorers.square_grid(10)
+
+
+def test_group_ends():
+    assert scorers.group_ends(23, 3) == [3, 6, 9, 12, 15, 18, 21, 23]
+    assert scorers.group_ends(5, 3) == [3, 5]
+    assert scorers.group_ends(12, 3) == [3, 6, 9, 12]
+    assert scorers.group_ends(5, 100) == [5]

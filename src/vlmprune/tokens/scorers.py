@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import VlmpruneError
+from .base import ModelPlan, Site, SiteContext
 
 ROLLOUTS = ("residual", "multiply", "mean", "max", "layer", "group-mean")
 
@@ -36,6 +37,11 @@ def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(B, V) -> (B, k) indices of the k largest scores; equal scores prefer the lower index."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     return order[:, :k]
+
+
+def gather_tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) states at (B, K) positions -> (B, K, D)."""
+    return states.gather(1, index.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
 
 
 def _row_normalise(matrix: torch.Tensor) -> torch.Tensor:
@@ -103,9 +109,9 @@ def evit_fuse(tokens: torch.Tensor, attention: torch.Tensor, k: int) -> tuple[to
     kept, rest = order[:, : k - 1], order[:, k - 1 :]
     weights = attention.float().gather(1, rest)
     weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
-    rest_tokens = tokens.gather(1, rest.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    rest_tokens = gather_tokens(tokens, rest)
     fused = (weights.unsqueeze(-1) * rest_tokens.float()).sum(1, keepdim=True).to(tokens.dtype)
-    kept_tokens = tokens.gather(1, kept.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    kept_tokens = gather_tokens(tokens, kept)
     keep = torch.cat([kept, rest[:, :1]], dim=1)
     return keep, torch.cat([kept_tokens, fused], dim=1)
 
@@ -135,13 +141,13 @@ def bipartite_soft_matching(
     weighted = tokens.float() * sizes.float().unsqueeze(-1)
     b_sum = weighted[:, b_idx].clone()
     b_size = sizes.float()[:, b_idx].clone()
-    src = weighted[:, a_idx].gather(1, merged_a.unsqueeze(-1).expand(-1, -1, dim))
+    src = gather_tokens(weighted[:, a_idx], merged_a)
     b_sum.scatter_add_(1, target_b.unsqueeze(-1).expand(-1, -1, dim), src)
     b_size.scatter_add_(1, target_b, sizes.float()[:, a_idx].gather(1, merged_a))
 
     kept_a_sorted = kept_a.sort(dim=-1).values
     keep = torch.cat([a_idx[kept_a_sorted], b_idx.expand(bsz, -1)], dim=1)
-    a_tokens = tokens[:, a_idx].gather(1, kept_a_sorted.unsqueeze(-1).expand(-1, -1, dim))
+    a_tokens = gather_tokens(tokens[:, a_idx], kept_a_sorted)
     hidden = torch.cat([a_tokens.float(), b_sum / b_size.unsqueeze(-1)], dim=1).to(tokens.dtype)
     new_sizes = torch.cat([sizes[:, a_idx].gather(1, kept_a_sorted).float(), b_size], dim=1)
     return keep, hidden, new_sizes.to(sizes.dtype)
@@ -174,7 +180,7 @@ def visionzip_select(
     bsz, n, dim = tokens.shape
     order = top_indices(cls_attention, n)
     dom, rest = order[:, :dominant], order[:, dominant:].sort(dim=-1).values
-    dom_tokens = tokens.gather(1, dom.unsqueeze(-1).expand(-1, -1, dim))
+    dom_tokens = gather_tokens(tokens, dom)
     if contextual <= 0 or rest.shape[1] == 0:
         return dom, dom_tokens
     contextual = min(contextual, rest.shape[1])
@@ -182,8 +188,8 @@ def visionzip_select(
     target_pos = torch.arange(0, rest.shape[1], step, device=tokens.device)[:contextual]
     is_target = torch.zeros(rest.shape[1], dtype=torch.bool, device=tokens.device)
     is_target[target_pos] = True
-    rest_keys = F.normalize(keys.float().gather(1, rest.unsqueeze(-1).expand(-1, -1, keys.shape[-1])), dim=-1)
-    rest_tokens = tokens.gather(1, rest.unsqueeze(-1).expand(-1, -1, dim)).float()
+    rest_keys = F.normalize(gather_tokens(keys.float(), rest), dim=-1)
+    rest_tokens = gather_tokens(tokens, rest).float()
     similarity = rest_keys[:, ~is_target] @ rest_keys[:, is_target].transpose(1, 2)
     assign = F.one_hot(similarity.argmax(-1), contextual).float()          # (B, M, contextual)
     counts = assign.sum(1).clamp_min(1).unsqueeze(-1)
@@ -251,3 +257,37 @@ def square_grid(n: int) -> tuple[int, int]:
     if side * side != n:
         raise VlmpruneError(f"{n} visual tokens do not form a square grid: use a method that needs no grid")
     return side, side
+
+
+def group_ends(last: int, every: int) -> list[int]:
+    """Pruning layers for groups of ``every`` layers over layers ``0..last-1``: ``every, 2*every, ...``
+    and ``last`` itself when the final group is shorter."""
+    if every < 1:
+        raise VlmpruneError(f"a group of {every} layers is impossible: use a group size >= 1")
+    ends = list(range(every, last + 1, every))
+    return ends if ends and ends[-1] == last else ends + [last]
+
+
+def vision_sites(plan: ModelPlan, every: int, name: str) -> list[Site]:
+    """Sites after every ``every`` vision layers up to the layer the LLM reads (inclusive)."""
+    if plan.n_vision_layers == 0 or not plan.has_cls:
+        raise VlmpruneError(f"{name} prunes inside a vision tower with [CLS], which {plan.family} lacks: "
+                            "use a method that prunes before the LLM (divprune, pooling, fastv)")
+    return [Site("vision", layer) for layer in group_ends(plan.vision_feature_layer + 1, every)]
+
+
+def count_after(sites: list[Site], site: Site, n_visual: int, target: int) -> int:
+    """Visual tokens left after ``site`` when every site removes the same number."""
+    return merge_schedule(n_visual, target, len(sites))[sites.index(site)]
+
+
+def row_attention(ctx: SiteContext, layer: int, row: torch.Tensor) -> torch.Tensor:
+    """(B, V) head-mean attention of the per-sample ``row`` (B,) to the current visual tokens."""
+    attention = ctx.attention(layer)
+    picked = attention.gather(1, row.view(-1, 1, 1).expand(-1, 1, attention.shape[-1])).squeeze(1)
+    return picked.gather(1, ctx.visual)
+
+
+def cls_attention(ctx: SiteContext, layer: int) -> torch.Tensor:
+    """(B, V) head-mean [CLS] attention to the current visual tokens at vision ``layer``."""
+    return row_attention(ctx, layer, torch.full((ctx.hidden.shape[0],), ctx.cls, device=ctx.hidden.device))

@@ -1,0 +1,27 @@
+"""Spatial pooling: bilinear resize of the square visual-token grid before the LLM.
+
+Only square grids are produced, so the count is ``round(sqrt(keep))**2`` (the length is only roughly
+controllable, as the IVTP paper notes). Each pooled token takes the position of the source token
+nearest its cell centre."""
+from __future__ import annotations
+
+import math
+
+from ..base import ModelPlan, Reduction, Site, SiteContext, TokenMethod
+from .. import scorers
+
+
+class SpatialPooling(TokenMethod):
+    name = "pooling"
+
+    def __init__(self, keep: int | float = 0.11):
+        self.keep = keep
+
+    def sites(self, plan: ModelPlan) -> list[Site]:
+        return [Site("llm", 0)]
+
+    def reduce(self, ctx: SiteContext) -> Reduction:
+        grid = scorers.square_grid(ctx.visual.shape[1])
+        side = max(1, round(math.sqrt(scorers.resolve_keep(self.keep, ctx.n_visual))))
+        keep, hidden = scorers.spatial_pool(scorers.gather_tokens(ctx.hidden, ctx.visual), grid, (side, side))
+        return Reduction(keep=keep, hidden=hidden)
