@@ -1,0 +1,76 @@
+"""Which device a module's weights sit on while it is processed: one decoder block at a time.
+
+A block is moved to the compute device, processed and moved back, so a model larger than the
+device's memory can be pruned. Blocks offloaded by accelerate (weights on the meta device, kept in
+the hook's CPU weights map) are onloaded the same way and their pruned weights written back.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import VlmpruneError
+
+
+def _offloaded(module: nn.Module) -> bool:
+    hook = getattr(module, "_hf_hook", None)
+    return bool(hook is not None and getattr(hook, "offload", False))
+
+
+def _write_back(module: nn.Module) -> None:
+    weights_map = module._hf_hook.weights_map
+    for name, param in module.named_parameters(recurse=False):
+        stored = weights_map[name]
+        stored.copy_(param.data.to(stored.device, stored.dtype))
+        if not torch.equal(weights_map[name].to(param.device), param.data.to(stored.dtype)):
+            raise VlmpruneError("disk-offloaded weights cannot be pruned in place; offload to CPU memory instead")
+
+
+@contextlib.contextmanager
+def block_on(block: nn.Module, device: torch.device) -> Iterator[None]:
+    """Hold ``block``'s weights on ``device`` inside the context; changes to them are kept."""
+    offloaded = [m for m in block.modules() if _offloaded(m)]
+    if offloaded:
+        from accelerate.utils import align_module_device
+
+        with contextlib.ExitStack() as stack:
+            for module in offloaded:
+                stack.enter_context(align_module_device(module, device))
+            yield
+            for module in offloaded:
+                _write_back(module)
+        return
+    first = next(block.parameters(), None)
+    original = first.device if first is not None else device
+    if original == device:
+        yield
+        return
+    block.to(device)
+    try:
+        yield
+    finally:
+        block.to(original)
+
+
+@contextlib.contextmanager
+def rest_on(model: nn.Module, skip: nn.Module, device: torch.device) -> Iterator[None]:
+    """Hold every weight of ``model`` outside ``skip`` (the decoder layers) on ``device``.
+
+    Models dispatched by accelerate place themselves, so they are left alone."""
+    if getattr(model, "hf_device_map", None):
+        yield
+        return
+    skipped = {id(t) for t in list(skip.parameters()) + list(skip.buffers())}
+    moved = [t for t in list(model.parameters()) + list(model.buffers())
+             if id(t) not in skipped and t.device != device]
+    originals = [t.device for t in moved]
+    for tensor in moved:
+        tensor.data = tensor.data.to(device)
+    try:
+        yield
+    finally:
+        for tensor, original in zip(moved, originals):
+            tensor.data = tensor.data.to(original)
