@@ -232,10 +232,15 @@ def spatial_pool(tokens: torch.Tensor, grid: tuple[int, int], out: tuple[int, in
     grid_tokens = tokens.float().transpose(1, 2).reshape(bsz, dim, rows, cols)
     pooled = F.interpolate(grid_tokens, size=out, mode="bilinear", align_corners=False)
     hidden = pooled.flatten(2).transpose(1, 2).to(tokens.dtype)
+    return cell_centres(grid, out).to(tokens.device).expand(bsz, -1), hidden
+
+
+def cell_centres(grid: tuple[int, int], out: tuple[int, int]) -> torch.Tensor:
+    """(out_r * out_c,) index of the ``grid`` token nearest the centre of each cell of an ``out`` grid."""
+    rows, cols = grid
     centre_r = ((torch.arange(out[0]) + 0.5) * rows / out[0]).floor().long().clamp_max(rows - 1)
     centre_c = ((torch.arange(out[1]) + 0.5) * cols / out[1]).floor().long().clamp_max(cols - 1)
-    keep = (centre_r[:, None] * cols + centre_c[None, :]).flatten().to(tokens.device)
-    return keep.expand(bsz, -1), hidden
+    return (centre_r[:, None] * cols + centre_c[None, :]).flatten()
 
 
 def ivtp_schedule(n_visual: int, target: int, vit_steps: int, llm_steps: int, threshold: float) -> tuple[list[int], list[int]]:

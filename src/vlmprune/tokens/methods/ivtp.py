@@ -1,0 +1,247 @@
+"""IVTP: group-wise token pruning (GTP) in the vision encoder, then instruction-guided GTP in the LLM.
+
+Vision stage: after every ``group`` encoder layers up to the one the LLM reads, the [CLS] row of the
+group's combined attention (residual rollout by default) times each patch's value norm ranks the
+patches (ATS significance); [CLS] is never pruned.
+
+LLM stage: a pseudo-[CLS] (the mean LLM input embedding of the instruction tokens that CLIP finds
+visually relevant) is inserted after the visual tokens as a scoring-only token; in the first
+``llm_layers`` LLM layers, in groups of ``llm_group``, its rollout row ranks the visual tokens.
+
+Budget (2n rule): for a final ``n`` below ``threshold`` the ViT goes to ``2n`` and the LLM to ``n``;
+otherwise every step removes the same number. LLaVA-1.5's numbers (128 of 576 tokens, 12 of 32
+layers) are scaled with the model by default.
+
+Decisions: the image embedding ``x_cls^V`` of Eq. 6 is the [CLS] the (pruned) tower produces, run
+through the CLIP vision layers after the feature layer, ``post_layernorm`` and ``visual_projection``;
+so the CLIP model given must be the tower's CLIP. The pseudo-[CLS] is computed during the vision
+stage (the engine asks for it before the vision tower runs and inserts it after) and written into
+the tensor :meth:`scoring_token` returned. ``ott+rt`` (no CLIP text encoder) scores each text token by
+the cosine of its LLM input embedding to the projected visual [CLS]. ``pcls=clip`` maps the mean
+projected CLIP text embedding back to the tower width by the pseudo-inverse of
+``visual_projection`` and through the LLaVA projector. Towers without [CLS] (SigLIP, Qwen2-VL) or
+without in-encoder sites get no vision stage; the whole budget goes to the LLM stage and the
+pseudo-[CLS] is the mean of all instruction tokens (OTT), as there is no visual [CLS] to score by.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import VlmpruneError
+from ..base import ModelPlan, Reduction, Site, SiteContext, TokenMethod
+from .. import scorers
+
+INSTRUCTIONS = ("ott", "ott+rt", "ott+te+rt")
+PSEUDO_CLS = ("llm", "clip", "hybrid", "visual")
+# LLaVA-1.5's settings, scaled with the model: 128 of 576 visual tokens, 12 of 32 LLM layers.
+LLAVA_THRESHOLD = 128 / 576
+LLAVA_LLM_DEPTH = 12 / 32
+TAU_CLIP = 0.2          # the paper's threshold for real CLIP
+TAU_TOY_CLIP = 0.2      # calibrated on the toy CLIP: see docs/results/tokens.md
+TAU_NO_TEXT_ENCODER = 0.0
+
+
+class IVTP(TokenMethod):
+    """``ivtp:keep=16``; ablations: ``group`` (int or ``all``), ``rollout`` (residual, layer,
+    group-mean, mean, max, multiply), ``llm_group``, ``llm_layers``, ``instruction`` (ott, ott+rt,
+    ott+te+rt), ``pcls`` (llm, clip, hybrid, visual), ``tau``, ``llm=false`` (IVTP-V),
+    ``threshold`` (the 2n rule's, in tokens). ``clip``, ``clip_tokenizer``, ``tokenizer``: the CLIP
+    model and tokenizer and the LLM tokenizer (the toy ones are loaded for toy models)."""
+
+    name = "ivtp"
+
+    def __init__(self, keep: int | float = 0.11, group: int | str = 3, rollout: str = "residual",
+                 llm_group: int = 3, llm_layers: int | None = None, instruction: str = "ott+te+rt",
+                 pcls: str = "llm", tau: float | None = None, llm: bool = True, threshold: float | None = None,
+                 clip: Any = None, clip_tokenizer: Any = None, tokenizer: Any = None):
+        scorers.resolve_keep(keep, 10**9)
+        if group != "all" and (not isinstance(group, int) or group < 1):
+            raise VlmpruneError(f"ivtp group={group!r} must be a layer count >= 1 or 'all'")
+        if rollout not in scorers.ROLLOUTS:
+            raise VlmpruneError(f"ivtp rollout={rollout!r}; choose one of: {', '.join(scorers.ROLLOUTS)}")
+        if instruction not in INSTRUCTIONS:
+            raise VlmpruneError(f"ivtp instruction={instruction!r}; choose one of: {', '.join(INSTRUCTIONS)}")
+        if pcls not in PSEUDO_CLS:
+            raise VlmpruneError(f"ivtp pcls={pcls!r}; choose one of: {', '.join(PSEUDO_CLS)}")
+        if not isinstance(llm_group, int) or llm_group < 1:
+            raise VlmpruneError(f"ivtp llm_group={llm_group!r} must be a layer count >= 1")
+        self.keep, self.group, self.rollout = keep, group, rollout
+        self.llm_group, self.llm_layers, self.instruction = llm_group, llm_layers, instruction
+        self.pcls, self.tau, self.llm, self.threshold = pcls, tau, llm, threshold
+        self._clip, self._clip_tokenizer, self._tokenizer = clip, clip_tokenizer, tokenizer
+        self._vit_sites: list[Site] = []
+        self._llm_sites: list[Site] = []
+        self._pending: dict[str, Any] | None = None
+
+    # -- where ------------------------------------------------------------------------------
+    def sites(self, plan: ModelPlan) -> list[Site]:
+        self._vit_sites = []
+        if plan.n_vision_layers > 0 and plan.has_cls:
+            last = plan.vision_feature_layer + 1
+            self._vit_sites = [Site("vision", layer)
+                               for layer in scorers.group_ends(last, last if self.group == "all" else self.group)]
+        self._llm_sites = []
+        if self.llm:
+            depth = self.llm_layers or max(self.llm_group, round(LLAVA_LLM_DEPTH * plan.n_llm_layers))
+            if not 1 <= depth < plan.n_llm_layers:
+                raise VlmpruneError(f"ivtp llm_layers={depth} must be between 1 and {plan.n_llm_layers - 1}")
+            self._llm_sites = [Site("llm", layer) for layer in scorers.group_ends(depth, self.llm_group)]
+        if not self._vit_sites and not self._llm_sites:
+            raise VlmpruneError(f"ivtp with llm=false needs a vision tower with [CLS], which {plan.family} lacks")
+        return self._vit_sites + self._llm_sites
+
+    def recorded_layers(self, site: Site, plan: ModelPlan) -> list[int]:
+        stage = self._vit_sites if site.where == "vision" else self._llm_sites
+        index = stage.index(site)
+        start = stage[index - 1].layer if index else 0
+        return list(range(start, site.layer))
+
+    # -- what ------------------------------------------------------------------------------
+    def reduce(self, ctx: SiteContext) -> Reduction:
+        target = scorers.resolve_keep(self.keep, ctx.n_visual)
+        threshold = self.threshold if self.threshold is not None else LLAVA_THRESHOLD * ctx.n_visual
+        vit, llm = scorers.ivtp_schedule(ctx.n_visual, target, len(self._vit_sites), len(self._llm_sites), threshold)
+        vision = ctx.site.where == "vision"
+        count = (vit if vision else llm)[(self._vit_sites if vision else self._llm_sites).index(ctx.site)]
+        layers = self.recorded_layers(ctx.site, None)
+        combined = scorers.grouped_rollout([ctx.attention(layer) for layer in layers], self.rollout)
+        row = ctx.query if not vision else torch.full_like(ctx.visual[:, 0], ctx.cls)
+        query_row = combined.gather(1, row.view(-1, 1, 1).expand(-1, 1, combined.shape[-1])).squeeze(1)
+        score = scorers.significance(query_row, ctx.values(layers[-1]), ctx.visual)
+        keep = scorers.top_indices(score, min(count, ctx.visual.shape[1]))
+        if vision and ctx.site == self._vit_sites[-1] and self._pending is not None:
+            self._fill_pseudo_cls(ctx, keep)
+        return Reduction(keep=keep)
+
+    # -- the pseudo-[CLS] ------------------------------------------------------------------------
+    def scoring_token(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """A (B, D) tensor the engine inserts after the visual tokens; filled at the last vision site."""
+        self._pending = None
+        if not self._llm_sites:
+            return None
+        from ...models import get_adapter
+        adapter = get_adapter(model)
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        embed = model.get_input_embeddings()
+        instructions = []
+        for b, row in enumerate(ids):
+            after = adapter.image_token_mask(row[None])[0].nonzero().max() + 1
+            valid = torch.ones_like(row, dtype=torch.bool) if mask is None else mask[b].bool()
+            text_ids = row[after:][valid[after:]]
+            instructions.append((text_ids, embed(text_ids)))
+        slot = torch.zeros(ids.shape[0], embed.embedding_dim, dtype=embed.weight.dtype, device=ids.device)
+        if not self._vit_sites:
+            for b, (_, embeds) in enumerate(instructions):
+                slot[b] = embeds.mean(0)
+            return slot
+        self._pending = {"slot": slot, "instructions": instructions, "model": model, "adapter": adapter}
+        return slot
+
+    def _fill_pseudo_cls(self, ctx: SiteContext, keep: torch.Tensor) -> None:
+        """Eqs. 6-8 for every sample, written into the pending scoring-token tensor."""
+        pending, self._pending = self._pending, None
+        adapter = pending["adapter"]
+        cls_state = ctx.hidden[:, ctx.cls]
+        visual_cls = adapter.projector(cls_state)                                   # (B, D) LLM space
+        image_embed = None
+        if self.instruction == "ott+te+rt" or self.pcls == "clip":
+            kept = scorers.gather_tokens(ctx.hidden, ctx.visual.gather(1, keep))
+            image_embed = self._image_embedding(pending["model"], torch.cat([cls_state[:, None], kept], 1))
+        for b, (text_ids, embeds) in enumerate(pending["instructions"]):
+            token_embeds = None
+            if self.instruction == "ott":
+                passing = torch.ones(len(text_ids), dtype=torch.bool, device=embeds.device)
+            elif self.instruction == "ott+rt":
+                relevance = F.cosine_similarity(embeds.float(), visual_cls[b].float()[None], dim=-1)
+                passing = relevance >= self._tau(pending["model"])
+            else:
+                relevance, token_embeds, clip_passing = self._text_relevance(pending["model"], text_ids, image_embed[b])
+                passing = relevance >= self._tau(pending["model"])
+            if self.pcls == "visual" or not passing.any():
+                value = visual_cls[b]
+            elif self.pcls == "clip":
+                value = self._clip_to_llm(adapter, token_embeds, clip_passing)
+            else:
+                value = embeds[passing].mean(0)
+                if self.pcls == "hybrid":
+                    value = 0.5 * (value + visual_cls[b])
+            pending["slot"][b] = value.to(pending["slot"].dtype)
+
+    def _tau(self, model: Any) -> float:
+        if self.tau is not None:
+            return self.tau
+        if self.instruction == "ott+rt":
+            return TAU_NO_TEXT_ENCODER
+        return TAU_TOY_CLIP if _is_toy(model) else TAU_CLIP
+
+    # -- CLIP --------------------------------------------------------------------------------
+    def _companions(self, model: Any):
+        if self._clip is None or self._clip_tokenizer is None:
+            if not _is_toy(model):
+                raise VlmpruneError("ivtp needs the tower's CLIP model: pass clip=..., clip_tokenizer=... "
+                                    "or use instruction=ott / ott+rt")
+            from ...toyworld import load_clip
+            self._clip, self._clip_tokenizer = load_clip()
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+            except (OSError, ValueError):
+                raise VlmpruneError("ivtp needs the LLM tokenizer: pass tokenizer=... or load the model from a "
+                                    "directory that holds one") from None
+        return self._clip, self._clip_tokenizer, self._tokenizer
+
+    def _image_embedding(self, model: Any, sequence: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings (B, P) from the [CLS] + kept tokens at the feature layer's output."""
+        clip, _, _ = self._companions(model)
+        vision = clip.vision_model
+        hidden = sequence.to(vision.post_layernorm.weight.dtype)
+        start = len(self._vit_sites) and self._vit_sites[-1].layer
+        for layer in vision.encoder.layers[start:]:
+            out = layer(hidden, None)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return clip.visual_projection(vision.post_layernorm(hidden[:, 0]))
+
+    def _text_relevance(self, model: Any, text_ids: torch.Tensor, image_embed: torch.Tensor):
+        """Eqs. 6-7: CLIP relevance of each CLIP token, mean over the CLIP tokens that overlap each
+        LLM token's characters (LLM tokens that overlap none get -inf: never relevant)."""
+        clip, clip_tokenizer, tokenizer = self._companions(model)
+        spans, text = llm_token_spans(tokenizer, text_ids.tolist())
+        encoded = clip_tokenizer(text, return_offsets_mapping=True, truncation=True,
+                                 max_length=clip.config.text_config.max_position_embeddings, return_tensors="pt")
+        out = clip.text_model(input_ids=encoded["input_ids"].to(image_embed.device))
+        token_embeds = clip.text_projection(out.last_hidden_state[0])                 # (S, P)
+        clip_relevance = F.cosine_similarity(token_embeds.float(), image_embed.float()[None], dim=-1)
+        offsets = encoded["offset_mapping"][0].tolist()
+        overlap = torch.tensor([[float(cs < e and ce > s and ce > cs) for cs, ce in offsets] for s, e in spans],
+                               device=image_embed.device)                            # (T, S)
+        counts = overlap.sum(-1)
+        relevance = (overlap @ clip_relevance) / counts.clamp_min(1)
+        relevance = relevance.masked_fill(counts == 0, -float("inf"))
+        tau = self._tau(model)
+        clip_passing = (clip_relevance >= tau) & (torch.tensor([ce > cs for cs, ce in offsets], device=image_embed.device))
+        return relevance, token_embeds, clip_passing
+
+    def _clip_to_llm(self, adapter: Any, token_embeds: torch.Tensor, passing: torch.Tensor) -> torch.Tensor:
+        """``pcls=clip``: mean projected CLIP text embedding, back to the tower width and projected."""
+        mean = token_embeds[passing].mean(0) if passing.any() else token_embeds.mean(0)
+        back = torch.linalg.pinv(self._clip.visual_projection.weight.float()) @ mean.float()
+        return adapter.projector(back.to(next(adapter.projector.parameters()).dtype))
+
+
+def llm_token_spans(tokenizer: Any, ids: list[int]) -> tuple[list[tuple[int, int]], str]:
+    """Character span of each LLM token in the decoded text, by decoding growing prefixes (works for
+    any tokenizer whose decoding of a prefix is a prefix of the decoding)."""
+    spans, before = [], 0
+    for k in range(len(ids)):
+        length = len(tokenizer.decode(ids[: k + 1]))
+        spans.append((before, length))
+        before = length
+    return spans, tokenizer.decode(ids)
+
+
+def _is_toy(model: Any) -> bool:
+    return "toy" in str(getattr(model, "name_or_path", "") or "")
