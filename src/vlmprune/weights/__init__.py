@@ -15,7 +15,7 @@ from .sequential import PruneReport, prune
 from .tamp import TAMP
 from .wanda import Wanda
 
-METHODS: dict[str, type[WeightMethod]] = {
+REGISTRY: dict[str, type[WeightMethod]] = {
     "magnitude": Magnitude,
     "wanda": Wanda,
     "sparsegpt": SparseGPT,
@@ -23,10 +23,10 @@ METHODS: dict[str, type[WeightMethod]] = {
     "atv": ATV,
 }
 
-__all__ = ["from_spec", "prune", "PruneReport", "METHODS", "WeightMethod", "Magnitude", "Wanda", "SparseGPT",
+__all__ = ["from_spec", "prune", "PruneReport", "REGISTRY", "WeightMethod", "Magnitude", "Wanda", "SparseGPT",
            "TAMP", "ATV"]
 
 
 def from_spec(spec: str) -> WeightMethod:
     """``"atv:sparsity=0.5,pattern=2:4"`` -> ``ATV(sparsity=0.5, pattern="2:4")``."""
-    return build_from_spec(spec, METHODS, "weight method")
+    return build_from_spec(spec, REGISTRY, "weight method")

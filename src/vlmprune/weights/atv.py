@@ -152,3 +152,12 @@ class ATV(WeightMethod):
         norms, _ = self.collect(ctx)
         for name, linear in ctx.linears.items():
             self.prune_with_scores(name, linear, wanda_scores(linear.weight, norms[name]))
+
+
+def drift_profile(model, calibration, alpha: float = 1.0, device=None) -> list[dict[str, float]]:
+    """Per block of the dense model: mean visual drift and mean visual tokens ATV would select."""
+    from .sequential import sweep
+
+    atv = ATV(alpha=alpha)
+    sweep(model, calibration, lambda ctx: atv.collect(ctx)[1], device=device, desc="drift")
+    return atv.history

@@ -20,13 +20,33 @@ def _offloaded(module: nn.Module) -> bool:
     return bool(hook is not None and getattr(hook, "offload", False))
 
 
-def _write_back(module: nn.Module) -> None:
-    weights_map = module._hf_hook.weights_map
-    for name, param in module.named_parameters(recurse=False):
-        stored = weights_map[name]
-        stored.copy_(param.data.to(stored.device, stored.dtype))
-        if not torch.equal(weights_map[name].to(param.device), param.data.to(stored.dtype)):
-            raise VlmpruneError("disk-offloaded weights cannot be pruned in place; offload to CPU memory instead")
+@contextlib.contextmanager
+def _onloaded(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
+    """Load offloaded weights onto ``device`` and pause their hooks' offloading, so forwards run
+    on resident weights and pruning edits them; the edits are written back to the weights map."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    paused = []
+    try:
+        for module in modules:
+            hook = module._hf_hook
+            paused.append((module, hook.execution_device))
+            for name, _ in module.named_parameters(recurse=False):
+                set_module_tensor_to_device(module, name, device, value=hook.weights_map[name])
+            hook.offload, hook.execution_device = False, device
+        yield
+        for module, _ in paused:
+            weights_map = module._hf_hook.weights_map
+            for name, param in module.named_parameters(recurse=False):
+                stored = weights_map[name]
+                stored.copy_(param.data.to(stored.device, stored.dtype))
+                if not torch.equal(weights_map[name], param.data.to(stored.device, stored.dtype)):
+                    raise VlmpruneError("disk-offloaded weights cannot be pruned in place; offload to CPU memory instead")
+    finally:
+        for module, execution_device in paused:
+            for name, _ in module.named_parameters(recurse=False):
+                set_module_tensor_to_device(module, name, "meta")
+            module._hf_hook.offload, module._hf_hook.execution_device = True, execution_device
 
 
 @contextlib.contextmanager
@@ -34,14 +54,8 @@ def block_on(block: nn.Module, device: torch.device) -> Iterator[None]:
     """Hold ``block``'s weights on ``device`` inside the context; changes to them are kept."""
     offloaded = [m for m in block.modules() if _offloaded(m)]
     if offloaded:
-        from accelerate.utils import align_module_device
-
-        with contextlib.ExitStack() as stack:
-            for module in offloaded:
-                stack.enter_context(align_module_device(module, device))
+        with _onloaded(offloaded, device):
             yield
-            for module in offloaded:
-                _write_back(module)
         return
     first = next(block.parameters(), None)
     original = first.device if first is not None else device
@@ -65,7 +79,7 @@ def rest_on(model: nn.Module, skip: nn.Module, device: torch.device) -> Iterator
         return
     skipped = {id(t) for t in list(skip.parameters()) + list(skip.buffers())}
     moved = [t for t in list(model.parameters()) + list(model.buffers())
-             if id(t) not in skipped and t.device != device]
+             if id(t) not in skipped and t.device != device and t.device.type != "meta"]  # meta: offloaded
     originals = [t.device for t in moved]
     for tensor in moved:
         tensor.data = tensor.data.to(device)

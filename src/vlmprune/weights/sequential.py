@@ -131,7 +131,8 @@ class BlockContext:
 
 def select_linears(model: nn.Module, adapter, targets: Sequence[str] | None, ignore: Sequence[str] | None) -> list[dict[str, nn.Linear]]:
     """Per LLM block, the Linear layers to prune: ``targets`` regexes (default: every Linear of the
-    decoder layers) minus ``ignore`` regexes, matched with ``re.search`` on full module names."""
+    decoder layers) minus ``ignore`` regexes, matched with ``re.search`` on full module names.
+    Only the LLM's decoder layers are walked, so the vision tower, projector and lm_head stay dense."""
     try:
         target_res = [re.compile(t) for t in (targets or [])]
         ignore_res = [re.compile(t) for t in (ignore or [])]
@@ -150,8 +151,6 @@ def select_linears(model: nn.Module, adapter, targets: Sequence[str] | None, ign
         if any(r.search(name) for r in ignore_res):
             continue
         if id(module) not in block_of:
-            if target_res:
-                raise VlmpruneError(f"target {name!r} is outside the LLM decoder layers; only those can be pruned")
             continue
         per_block[block_of[id(module)]][name] = module
     if not any(per_block):
@@ -159,8 +158,14 @@ def select_linears(model: nn.Module, adapter, targets: Sequence[str] | None, ign
     return per_block
 
 
-def default_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def compute_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    """``device`` as a torch device; by default the device of the model's first weight."""
+    if device is None:
+        return next(model.parameters()).device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise VlmpruneError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
 
 
 def sweep(model: nn.Module, calibration: Sequence[Any], visit: Callable[[BlockContext], list[torch.Tensor] | None],
@@ -172,7 +177,7 @@ def sweep(model: nn.Module, calibration: Sequence[Any], visit: Callable[[BlockCo
     from ..models import get_adapter
 
     adapter = get_adapter(model)
-    device = torch.device(device) if device is not None else default_device(model)
+    device = compute_device(model, device)
     per_block = linears if linears is not None else select_linears(model, adapter, None, None)
     inputs = capture_inputs(model, adapter, calibration, device)
     for b in tqdm(range(len(adapter.llm_layers)), desc=desc, leave=False):
@@ -201,11 +206,12 @@ class PruneReport:
         """Zeros over all pruned weights (each layer weighted by its size)."""
         return self.zeros / max(self.weights, 1)
 
-    def record(self, name: str, linear: nn.Linear) -> None:
-        zeros = int((linear.weight == 0).sum())
-        self.layer_sparsity[name] = zeros / linear.weight.numel()
-        self.zeros += zeros
-        self.weights += linear.weight.numel()
+    def record_block(self, linears: dict[str, nn.Linear]) -> None:
+        for name, linear in linears.items():
+            zeros = int((linear.weight == 0).sum())
+            self.layer_sparsity[name] = zeros / linear.weight.numel()
+            self.zeros += zeros
+            self.weights += linear.weight.numel()
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "sparsity": self.sparsity, "layer_sparsity": self.layer_sparsity,
@@ -223,7 +229,7 @@ def prune(model: nn.Module, method, calibration: Sequence[Any] | None = None, *,
     from ..models import get_adapter
 
     adapter = get_adapter(model)
-    device = torch.device(device) if device is not None else default_device(model)
+    device = compute_device(model, device)
     per_block = select_linears(model, adapter, targets, ignore)
     for linears in per_block:
         method.validate(linears)
@@ -237,6 +243,7 @@ def prune(model: nn.Module, method, calibration: Sequence[Any] | None = None, *,
                 tic = time.perf_counter()
                 with block_on(adapter.llm_layers[b], device):
                     method.prune_linears(linears)
+                    report.record_block(linears)
                 report.block_seconds.append(time.perf_counter() - tic)
         else:
             if not calibration:
@@ -250,6 +257,7 @@ def prune(model: nn.Module, method, calibration: Sequence[Any] | None = None, *,
                 tic = time.perf_counter()
                 if ctx.linears:
                     method.prune_block(ctx)
+                    report.record_block(ctx.linears)
                 outputs = [ctx.forward(i) for i in range(ctx.n_samples)]
                 report.block_seconds.append(time.perf_counter() - tic)
                 return outputs
@@ -259,7 +267,4 @@ def prune(model: nn.Module, method, calibration: Sequence[Any] | None = None, *,
     finally:
         model.train(was_training)
     report.total_seconds = time.perf_counter() - start
-    for linears in per_block:
-        for name, linear in linears.items():
-            report.record(name, linear)
     return report

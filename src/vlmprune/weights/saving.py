@@ -1,0 +1,39 @@
+"""Write a pruned model as a ``save_pretrained`` directory, all at once or not at all."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import VlmpruneError
+
+CONFIG_KEY = "vlmprune_pruning"
+
+
+def save_pruned(model, processor, out: str | Path, record: dict[str, Any]) -> Path:
+    """Save model and processor into ``out``, with ``record`` under ``config.json``'s
+    ``"vlmprune_pruning"``. Written beside ``out`` first and renamed, so a failure leaves ``out``
+    as it was; an existing ``out`` directory is replaced."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise VlmpruneError(f"--out {out} is a file: give a directory path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        setattr(model.config, CONFIG_KEY, record)
+        model.save_pretrained(partial)
+        if processor is not None:
+            processor.save_pretrained(partial)
+        if out.exists():
+            previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, previous / out.name)
+            os.replace(partial, out)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(partial, out)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+    return out
