@@ -38,7 +38,8 @@ class Downsample(TokenMethod):
 
     def scoring_token(self, model: Any, inputs: dict[str, Any]) -> None:
         from ...models import get_adapter
-        self._tower = get_adapter(model).vision_tower.vision_model
+        tower = get_adapter(model).vision_tower
+        self._tower = getattr(tower, "vision_model", tower)
         return None
 
     def reduce(self, ctx: SiteContext) -> Reduction:

@@ -10,6 +10,7 @@ class FasterVLM(TokenMethod):
     name = "fastervlm"
 
     def __init__(self, keep: int | float = 0.11):
+        scorers.resolve_keep(keep, 10**9)  # a bad keep fails here, not in the forward
         self.keep = keep
 
     def sites(self, plan: ModelPlan) -> list[Site]:

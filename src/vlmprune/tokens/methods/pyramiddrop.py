@@ -15,6 +15,8 @@ class PyramidDrop(TokenMethod):
     def __init__(self, ratio: float = 0.5, keep: int | float | None = None):
         if not 0 < ratio <= 1:
             raise VlmpruneError(f"pyramiddrop ratio={ratio} must be in (0, 1]")
+        if keep is not None:
+            scorers.resolve_keep(keep, 10**9)
         self.ratio = ratio
         self.keep = keep
         self._sites: list[Site] = []

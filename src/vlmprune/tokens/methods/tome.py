@@ -15,6 +15,7 @@ class ToMe(TokenMethod):
     name = "tome"
 
     def __init__(self, keep: int | float = 0.11, every: int = 1):
+        scorers.resolve_keep(keep, 10**9)  # a bad keep fails here, not in the forward
         self.keep = keep
         self.every = every
         self._sites: list[Site] = []

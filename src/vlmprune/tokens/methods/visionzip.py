@@ -12,6 +12,7 @@ class VisionZip(TokenMethod):
     name = "visionzip"
 
     def __init__(self, keep: int | float = 0.11, contextual: int | float = 10 / 64):
+        scorers.resolve_keep(keep, 10**9)  # a bad keep fails here, not in the forward
         self.keep = keep
         self.contextual = contextual
 
