@@ -13,39 +13,19 @@ from vlmprune.eval.report import markdown_table
 from vlmprune.eval.retention import retention
 
 
-def _tiny_processor():
-    """A LLaVA processor with a word-level tokenizer over the toy vocabulary, 32 px images, 8 px patches."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
-    from vlmprune.toyworld.scenes import COLOURS, SHAPES
-    words = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "yes", "no", "a", "b", "c", "d", "?", ".",
-             *COLOURS, *SHAPES, *"0123456789", "zero", "one", "two", "three", "four", "five"]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
-                                        bos_token="<s>", eos_token="</s>",
-                                        extra_special_tokens={"image_token": "<image>"})
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          image_token="<image>")
-
-
 @pytest.fixture
 def tiny_llava():
-    """A random-weight LlavaForConditionalGeneration (2+2 layers, 16 patches + [CLS]) and its processor."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    processor = _tiny_processor()
-    vocab = len(processor.tokenizer)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=32, patch_size=8),
-        text_config=LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                pad_token_id=0, bos_token_id=2, eos_token_id=3),
-        image_token_id=processor.tokenizer.convert_tokens_to_ids("<image>"))
+    """The toy processor and a random-weight toy LVLM of the ``micro`` size (2+2 layers, 100 patches)."""
+    from transformers import LlavaForConditionalGeneration
+    from vlmprune.toyworld.configs import llava_config
+    from vlmprune.toyworld.processor import build_processor
+    from vlmprune.toyworld.scenes import COLOURS, SHAPES
+    from vlmprune.toyworld.tokenizers import EXTRA_WORDS, build_llm_tokenizer
+    words = ["yes no a b c d what is there how many objects number on the colour of which shape",
+             *COLOURS, *SHAPES, *EXTRA_WORDS, "0 1 2 3 4 5 6 7 8 9 zero one two three four five"]
+    tokenizer = build_llm_tokenizer([" ".join(words)])
     torch.manual_seed(0)
-    return LlavaForConditionalGeneration(config).eval(), processor
+    return LlavaForConditionalGeneration(llava_config("micro", tokenizer)).eval(), build_processor(tokenizer)
 
 
 @pytest.mark.parametrize("reply, expected", [
@@ -185,4 +165,5 @@ def _toyworld_exports(monkeypatch):  # TEMPORARY until vlmprune.toyworld exports
         if not hasattr(toyworld, name):
             monkeypatch.setattr(toyworld, name, getattr(tasks, name), raising=False)
     if not hasattr(toyworld, "build_prompt"):
-        monkeypatch.setattr(toyworld, "build_prompt", lambda processor, q: f"<image> {q}", raising=False)
+        from vlmprune.toyworld.processor import build_prompt
+        monkeypatch.setattr(toyworld, "build_prompt", build_prompt, raising=False)

@@ -53,15 +53,16 @@ def token_method(tokens: Any):
     return token_api.from_spec(tokens)
 
 
-def _model_inputs(processor, items: Sequence, device: torch.device, dtype: torch.dtype) -> dict:
-    """Processor outputs for a batch, left padded so that generation appends at the same column."""
+def model_inputs(processor, images: Sequence, questions: Sequence[str], device: torch.device,
+                 dtype: torch.dtype) -> dict:
+    """Processor outputs for a batch of (image, question), left padded so that generation appends at
+    the same column for every sample."""
     tokenizer = processor.tokenizer
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        prompts = [toyworld.build_prompt(processor, item.question) for item in items]
-        inputs = processor(images=[item.image for item in items], text=prompts, return_tensors="pt",
-                           padding=True)
+        prompts = [toyworld.build_prompt(processor, question) for question in questions]
+        inputs = processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
     finally:
         tokenizer.padding_side = side
     inputs = inputs.to(device)
@@ -83,7 +84,8 @@ def generate_answers(model, processor, items: Sequence, batch_size: int = 16,
     starts = range(0, len(items), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
         batch = items[start:start + batch_size]
-        inputs = _model_inputs(processor, batch, model.device, model.dtype)
+        inputs = model_inputs(processor, [item.image for item in batch], [item.question for item in batch],
+                              model.device, model.dtype)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=pad_id)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
@@ -111,7 +113,7 @@ def average(tasks: dict[str, dict]) -> float:
 def _cost(model, processor, method, sample) -> tuple[dict, float]:
     """Counted FLOPs by part and median prefill latency (ms) for one item at batch 1."""
     from .. import measure
-    inputs = _model_inputs(processor, [sample], model.device, model.dtype)
+    inputs = model_inputs(processor, [sample.image], [sample.question], model.device, model.dtype)
     flops = measure.counted_flops(model, inputs, tokens=method)
     prefill_ms = measure.prefill_ms(model, inputs, tokens=method, repeats=LATENCY_REPEATS)
     return {part: int(flops[part]) for part in ("vision", "projector", "llm", "extra", "total")}, prefill_ms
