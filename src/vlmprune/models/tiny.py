@@ -171,3 +171,20 @@ def _packed_count(model, family: str, size: tuple[int, int], tiles: int) -> int:
     else:
         packed, _ = core.pack_image_features(features, sizes, newline)
     return int(packed[0].shape[0])
+
+
+def sample(inputs: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """Sample ``index`` of a ``make_inputs`` batch on its own, without its left padding."""
+    keep = inputs["attention_mask"][index].bool()
+    out = {"input_ids": inputs["input_ids"][index][keep][None], "attention_mask": inputs["attention_mask"][index][keep][None]}
+    if "mm_token_type_ids" in inputs:
+        out["mm_token_type_ids"] = inputs["mm_token_type_ids"][index][keep][None]
+    if "image_grid_thw" in inputs:
+        per_image = int(inputs["image_grid_thw"][index].prod())
+        out["pixel_values"] = inputs["pixel_values"][index * per_image:(index + 1) * per_image]
+        out["image_grid_thw"] = inputs["image_grid_thw"][index:index + 1]
+    else:
+        out["pixel_values"] = inputs["pixel_values"][index:index + 1]
+    if "image_sizes" in inputs:
+        out["image_sizes"] = inputs["image_sizes"][index:index + 1]
+    return out

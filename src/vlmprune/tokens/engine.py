@@ -461,8 +461,7 @@ class _Engine:
         """Keep the visual tokens at (B, k) sorted indices into ``seq.visual``; text stays."""
         batch, n = seq.src.shape
         n_visual, k = seq.visual.shape[1], keep.shape[1]
-        kept = ~seq.is_visual.clone()
-        kept.scatter_(1, seq.visual.gather(1, keep), True)
+        kept = (~seq.is_visual).scatter(1, seq.visual.gather(1, keep), True)
         index = _first_true(kept, n - n_visual + k)
         self.state.dropped_before = self._dropped_prompt(seq, index)
         is_visual = seq.is_visual.gather(1, index)
@@ -479,10 +478,10 @@ class _Engine:
     def _dropped_prompt(self, seq: _Sequence, index: torch.Tensor) -> torch.Tensor:
         """(B, L) number of prompt tokens dropped before each prompt token, after keeping ``index``."""
         st = self.state
-        present = torch.zeros(seq.src.shape[0], st.prompt_length, dtype=torch.bool, device=seq.src.device)
+        absent = torch.zeros(seq.src.shape[0], st.prompt_length, dtype=torch.bool, device=seq.src.device)
         src = seq.src.gather(1, index)
         real = seq.order.gather(1, index) % 2 == 0
-        present.scatter_(1, torch.where(real, src, src[:, :1]), True)
+        present = absent.scatter(1, torch.where(real, src, src[:, :1]), True)
         missing = (~present).long()
         return torch.cumsum(missing, dim=1) - missing
 
