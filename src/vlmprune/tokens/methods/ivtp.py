@@ -244,4 +244,8 @@ def llm_token_spans(tokenizer: Any, ids: list[int]) -> tuple[list[tuple[int, int
 
 
 def _is_toy(model: Any) -> bool:
-    return "toy" in str(getattr(model, "name_or_path", "") or "")
+    """A shipped toy checkpoint, whose tower is the toy CLIP's."""
+    from pathlib import Path
+    from ...toyworld import CHECKPOINTS
+    path = str(getattr(model, "name_or_path", "") or "")
+    return bool(path) and Path(path).resolve().parent == CHECKPOINTS.resolve()

@@ -1,0 +1,236 @@
+"""IVTP: sites and budget, hand-checked scores, CLIP-to-LLM alignment, the pseudo-[CLS], and runs
+through the engine on tiny models (with a tiny CLIP whose vision model is the LLaVA tower)."""
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+
+from vlmprune.errors import VlmpruneError
+from vlmprune.tokens import apply, from_spec
+from vlmprune.tokens.base import ModelPlan, Site, SiteContext
+from vlmprune.tokens.methods.ivtp import IVTP, llm_token_spans
+
+LLAVA15 = ModelPlan(family="llava", n_vision_layers=24, vision_feature_layer=22, n_llm_layers=32, has_cls=True)
+TOY = ModelPlan(family="llava", n_vision_layers=6, vision_feature_layer=4, n_llm_layers=8, has_cls=True)
+A1 = torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+A2 = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.5, 0.0, 0.5]])
+
+
+def _layers(sites):
+    return [(s.where, s.layer) for s in sites]
+
+
+def test_sites_groups_and_recorded_layers():
+    method = from_spec("ivtp:keep=64")
+    sites = method.sites(LLAVA15)
+    assert _layers(sites) == [("vision", l) for l in (3, 6, 9, 12, 15, 18, 21, 23)] + [("llm", l) for l in (3, 6, 9, 12)]
+    assert method.recorded_layers(Site("vision", 23), LLAVA15) == [21, 22]
+    assert method.recorded_layers(Site("llm", 6), LLAVA15) == [3, 4, 5]
+    assert _layers(from_spec("ivtp:group=all").sites(LLAVA15))[0] == ("vision", 23)
+    assert _layers(from_spec("ivtp:group=2,llm=false").sites(LLAVA15)) == [("vision", l) for l in (*range(2, 23, 2), 23)]
+    assert _layers(from_spec("ivtp:llm_layers=6").sites(LLAVA15))[-2:] == [("llm", 3), ("llm", 6)]
+    # the toy model (6 vision layers reading layer 4, 8 LLM layers): 12 of 32 LLM layers -> 3
+    assert _layers(from_spec("ivtp").sites(TOY)) == [("vision", 3), ("vision", 5), ("llm", 3)]
+
+
+def test_spec_examples_and_bad_settings():
+    assert from_spec("ivtp:keep=16").keep == 16
+    assert from_spec("ivtp:keep=0.11").keep == 0.11
+    method = from_spec("ivtp:keep=64,group=2,rollout=layer")
+    assert (method.keep, method.group, method.rollout) == (64, 2, "layer")
+    assert from_spec("ivtp:keep=64,group=2,rollout=layer").spec().startswith("ivtp:keep=64,group=2,rollout=layer")
+    for bad in ("ivtp:group=0", "ivtp:rollout=median", "ivtp:instruction=te", "ivtp:pcls=text", "ivtp:keep=0",
+                "ivtp:llm_group=0"):
+        with pytest.raises(VlmpruneError):
+            from_spec(bad)
+    with pytest.raises(VlmpruneError):
+        from_spec("ivtp:llm_layers=40").sites(LLAVA15)
+
+
+def _vision_context(site, attention_maps, values, n_visual=None):
+    hidden = torch.randn(1, values.shape[1], 4)
+    visual = torch.arange(1, values.shape[1])[None]
+    return SiteContext(site=site, hidden=hidden, visual=visual, original=visual - 1,
+                       n_visual=n_visual or visual.shape[1], cls=0, query=None,
+                       attention=lambda layer, rows=None: attention_maps[layer][None], values=lambda layer: values,
+                       keys=lambda layer: values, inputs={})
+
+
+def test_vision_score_is_rollout_row_times_value_norm():
+    plan = ModelPlan(family="llava", n_vision_layers=3, vision_feature_layer=1, n_llm_layers=8, has_cls=True)
+    values = torch.tensor([[[1.0, 0.0], [6.0, 8.0], [1.0, 0.0]]])       # patch norms 10 and 1
+    # residual rollout [CLS] row: [.375, .125, .5] -> S ~ [.125 * 10, .5 * 1]: the first patch wins
+    method = IVTP(keep=1, group=2, llm=False)
+    (site,) = method.sites(plan)
+    assert method.reduce(_vision_context(site, {0: A1, 1: A2}, values)).keep.tolist() == [[0]]
+    # the last layer alone gives [CLS] -> patch 2 only: the second patch wins
+    method = IVTP(keep=1, group=2, rollout="layer", llm=False)
+    method.sites(plan)
+    assert method.reduce(_vision_context(site, {0: A1, 1: A2}, values)).keep.tolist() == [[1]]
+
+
+def test_budget_follows_the_2n_rule_on_llava15():
+    method = IVTP(keep=64)
+    sites = method.sites(LLAVA15)
+    counts, n = [], 576
+    for site in sites:
+        values = torch.rand(1, n + 1, 4) + 0.1
+        maps = {layer: torch.softmax(torch.randn(n + 1, n + 1), -1) for layer in range(24)}
+        ctx = _vision_context(site, maps, values, n_visual=576)
+        if site.where == "llm":
+            ctx.cls, ctx.query = None, torch.tensor([0])
+        n = method.reduce(ctx).keep.shape[1]
+        counts.append(n)
+    assert counts == [520, 464, 408, 352, 296, 240, 184, 128, 112, 96, 80, 64]
+
+
+# ---------------------------------------------------------------- text relevance and alignment
+
+def _word_tokenizer(words):
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    from tokenizers import decoders
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0], pad_token=words[0])
+
+
+def _bpe_tokenizer(texts, size=60):
+    tok = Tokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=size, special_tokens=["<pad>", "<unk>"],
+                                                       end_of_word_suffix="</w>", show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
+
+
+def test_llm_token_spans_cover_each_token():
+    tokenizer = _word_tokenizer(["<unk>", "what", "colour", "is", "the", "cube", "?"])
+    ids = tokenizer("what colour is the cube ?")["input_ids"]
+    spans, text = llm_token_spans(tokenizer, ids)
+    assert text == "what colour is the cube?"
+    assert [text[s:e].strip() for s, e in spans] == ["what", "colour", "is", "the", "cube", "?"]
+
+
+WORDS = ["<unk>"] + [f"w{i}" for i in range(1, 128)]
+
+
+@pytest.fixture(scope="module")
+def tiny_ivtp(tiny):
+    """Tiny LLaVA, a tiny CLIP whose vision model is the LLaVA tower, and both tokenizers."""
+    model, make_inputs = tiny("llava")
+    vision = model.config.vision_config.to_dict()
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=2, vocab_size=64, max_position_embeddings=64),
+                                vision_config=vision, projection_dim=8)).eval()
+    clip.vision_model.load_state_dict(model.model.vision_tower.state_dict())
+    clip_tokenizer = _bpe_tokenizer([" ".join(WORDS[1:])] * 3)
+    return model, make_inputs, clip, clip_tokenizer, _word_tokenizer(WORDS)
+
+
+def _ivtp(tiny_ivtp, **settings):
+    _, _, clip, clip_tokenizer, tokenizer = tiny_ivtp
+    return IVTP(clip=clip, clip_tokenizer=clip_tokenizer, tokenizer=tokenizer, **settings)
+
+
+def test_relevance_is_the_mean_over_overlapping_clip_tokens(tiny_ivtp):
+    _, _, clip, clip_tokenizer, tokenizer = tiny_ivtp
+    method = _ivtp(tiny_ivtp)
+    ids = torch.tensor([5, 17, 93])
+    image = torch.randn(8)
+    relevance, token_embeds, _ = method._text_relevance(None, ids, image)
+    text = "w5 w17 w93"
+    encoded = clip_tokenizer(text, return_offsets_mapping=True)
+    cosines = torch.nn.functional.cosine_similarity(token_embeds, image[None], dim=-1)
+    for i, (start, end) in enumerate([(0, 2), (3, 6), (7, 10)]):
+        inside = [j for j, (s, e) in enumerate(encoded["offset_mapping"]) if s < end and e > start]
+        assert inside and torch.allclose(relevance[i], cosines[inside].mean())
+
+
+# ---------------------------------------------------------------- through the engine
+
+def _run(model, inputs, method):
+    counts, slots = [], []
+    reduce, scoring = method.reduce, method.scoring_token
+
+    def recording(ctx):
+        reduction = reduce(ctx)
+        counts.append((ctx.site.where, reduction.keep.shape[1]))
+        return reduction
+
+    def scoring_recording(model_, inputs_):
+        slot = scoring(model_, inputs_)
+        slots.append(slot)
+        return slot
+
+    method.reduce, method.scoring_token = recording, scoring_recording
+    with apply(model, method), torch.no_grad():
+        logits = model(**inputs).logits
+    return logits, counts, slots[0]
+
+
+def _instruction_mean(model, inputs):
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    rows = []
+    for b in range(ids.shape[0]):
+        after = (ids[b] == model.config.image_token_id).nonzero().max() + 1
+        rows.append(model.get_input_embeddings()(ids[b, after:][mask[b, after:].bool()]).mean(0))
+    return torch.stack(rows)
+
+
+def test_counts_on_tiny_llava_and_keep_all_is_dense(tiny_ivtp):
+    model, make_inputs, *_ = tiny_ivtp
+    inputs = make_inputs(text_lens=(5, 3))
+    _, counts, _ = _run(model, inputs, _ivtp(tiny_ivtp, keep=4))
+    assert counts == [("vision", 10), ("llm", 4)]     # 4 >= the scaled threshold: equal steps 16 -> 10 -> 4
+    _, counts, _ = _run(model, inputs, _ivtp(tiny_ivtp, keep=2))
+    assert counts == [("vision", 4), ("llm", 2)]      # 2 < 128/576 * 16: the ViT keeps 2n
+    with torch.no_grad():
+        dense = model(**inputs).logits
+    logits, counts, slot = _run(model, inputs, _ivtp(tiny_ivtp, keep=16))
+    assert slot is not None and slot.abs().sum() > 0   # the scoring token was there, masked
+    assert torch.allclose(logits[:, -1], dense[:, -1], atol=1e-4)
+
+
+def test_pseudo_cls_is_relevant_text_or_the_projected_visual_cls(tiny_ivtp):
+    model, make_inputs, *_ = tiny_ivtp
+    inputs = make_inputs(text_lens=(5, 3))
+    _, _, slot = _run(model, inputs, _ivtp(tiny_ivtp, keep=4, tau=-2.0))            # every token passes
+    assert torch.allclose(slot, _instruction_mean(model, inputs), atol=1e-6)
+    _, _, slot = _run(model, inputs, _ivtp(tiny_ivtp, keep=4, tau=2.0))             # none passes: fallback
+    with torch.no_grad():
+        tower = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
+        visual = model.model.multi_modal_projector(tower.hidden_states[-2][:, 0])
+    assert torch.allclose(slot, visual, atol=1e-5)
+    _, _, slot = _run(model, inputs, _ivtp(tiny_ivtp, keep=4, tau=-2.0, pcls="hybrid"))
+    assert torch.allclose(slot, 0.5 * (_instruction_mean(model, inputs) + visual), atol=1e-5)
+    _, _, slot = _run(model, inputs, _ivtp(tiny_ivtp, keep=4, instruction="ott"))
+    assert torch.allclose(slot, _instruction_mean(model, inputs), atol=1e-6)
+
+
+@pytest.mark.parametrize("settings", [dict(instruction="ott+rt"), dict(pcls="clip"), dict(pcls="visual"),
+                                      dict(group="all", rollout="multiply"), dict(rollout="group-mean"),
+                                      dict(llm_group=1, llm_layers=2)])
+def test_ablation_switches_run(tiny_ivtp, settings):
+    model, make_inputs, *_ = tiny_ivtp
+    logits, counts, slot = _run(model, make_inputs(text_lens=(5, 3)), _ivtp(tiny_ivtp, keep=4, **settings))
+    assert counts[-1] == ("llm", 4) and torch.isfinite(logits).all() and torch.isfinite(slot).all()
+
+
+def test_ivtp_v_prunes_in_the_vision_tower_only(tiny_ivtp):
+    model, make_inputs, *_ = tiny_ivtp
+    _, counts, slot = _run(model, make_inputs(), _ivtp(tiny_ivtp, keep=4, llm=False))
+    assert counts == [("vision", 4)] and slot is None
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+def test_towers_without_cls_prune_in_the_llm_with_the_instruction_mean(tiny, family):
+    model, make_inputs = tiny(family)
+    inputs = make_inputs(text_lens=(5, 3))
+    method = IVTP(keep=2)
+    assert all(site.where == "llm" for site in method.sites(ModelPlan(family, 0, 0, 4, False)))
+    _, counts, slot = _run(model, inputs, method)
+    assert counts[-1] == ("llm", 2)
+    assert torch.allclose(slot, _instruction_mean(model, inputs), atol=1e-6)
+    with pytest.raises(VlmpruneError, match="lacks"):
+        IVTP(llm=False).sites(ModelPlan(family, 0, 0, 4, False))
