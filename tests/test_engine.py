@@ -251,6 +251,19 @@ def test_scoring_only_token_scores_but_changes_nothing(tiny, family):
     assert (attention.gather(1, seen["visual"]) > 0).all()
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_scoring_only_token_with_the_cache(tiny, family):
+    model, make_inputs = tiny(family)
+    inputs = make_inputs(text_lens=(2, 5))
+    with torch.no_grad():
+        dense = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, eos_token_id=None)
+    with vp.tokens.apply(model, KeepAllWithScoringToken()):
+        with torch.no_grad():
+            generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, eos_token_id=None)
+        reference = greedy_without_cache(model, inputs, STEPS)
+    assert torch.equal(generated, dense) and torch.equal(generated[:, -STEPS:], reference)
+
+
 def test_remove_restores_the_model(tiny, family):
     model, make_inputs = tiny(family)
     inputs = make_inputs(text_lens=(3,))

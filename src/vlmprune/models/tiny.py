@@ -95,9 +95,10 @@ def build_tiny(family: str, seed: int = 0, text_config: dict | None = None, visi
     """A seeded tiny ``*ForConditionalGeneration`` of ``family`` in eval mode, float32, SDPA attention,
     and ``make_inputs(text_lens=(6,), image_size=None, seed=0)`` building a left-padded batch with one
     image per sample. ``text_config``/``vision_config`` update the sub-configs; other keywords the top
-    config. ``device="meta"`` builds the model without weights (inputs still come on CPU)."""
+    config (``attn_implementation="eager"`` too). ``device="meta"`` builds the model without weights (inputs still come on CPU)."""
+    attention = overrides.pop("attn_implementation", "sdpa")
     config = _config(family, text_config or {}, vision_config or {}, overrides)
-    config._attn_implementation = overrides.get("attn_implementation", "sdpa")
+    config._attn_implementation = attention
     torch.manual_seed(seed)
     with torch.device(device):
         model = _CLASSES[family](config)
