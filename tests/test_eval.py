@@ -13,8 +13,7 @@ from vlmprune.eval.report import markdown_table
 from vlmprune.eval.retention import retention
 
 
-@pytest.fixture
-def tiny_llava():
+def build_micro():
     """The toy processor and a random-weight toy LVLM of the ``micro`` size (2+2 layers, 100 patches)."""
     from transformers import LlavaForConditionalGeneration
     from vlmprune.toyworld.configs import llava_config
@@ -26,6 +25,11 @@ def tiny_llava():
     tokenizer = build_llm_tokenizer([" ".join(words)])
     torch.manual_seed(0)
     return LlavaForConditionalGeneration(llava_config("micro", tokenizer)).eval(), build_processor(tokenizer)
+
+
+@pytest.fixture
+def tiny_llava():
+    return build_micro()
 
 
 @pytest.mark.parametrize("reply, expected", [
@@ -156,14 +160,3 @@ def test_bad_tasks_and_limits_are_one_line_errors():
     with pytest.raises(VlmpruneError, match="at least 1"):
         harness.load_items(["existence"], 0)
 
-
-@pytest.fixture(autouse=True)
-def _toyworld_exports(monkeypatch):  # TEMPORARY until vlmprune.toyworld exports land
-    from vlmprune import toyworld
-    from vlmprune.toyworld import tasks
-    for name in ("TASKS", "test_split"):
-        if not hasattr(toyworld, name):
-            monkeypatch.setattr(toyworld, name, getattr(tasks, name), raising=False)
-    if not hasattr(toyworld, "build_prompt"):
-        from vlmprune.toyworld.processor import build_prompt
-        monkeypatch.setattr(toyworld, "build_prompt", build_prompt, raising=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_eval import _toyworld_exports, tiny_llava  # noqa: F401  (shared fixtures)
+from test_eval import tiny_llava  # noqa: F401  (shared fixture)
 from vlmprune.cli import main
 from vlmprune.tokens import Reduction, Site, TokenMethod, from_spec
 from vlmprune.viz import plots

@@ -12,6 +12,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
+    from ..errors import VlmpruneError
     from .demo import run_demo
+
+    if Path(args.out).is_file():
+        raise VlmpruneError(f"--out {args.out} is a file: give a directory for the report")
     run_demo(args.out, quick=args.quick)
     return 0

@@ -111,11 +111,19 @@ def average(tasks: dict[str, dict]) -> float:
 
 
 def _cost(model, processor, method, sample) -> tuple[dict, float]:
-    """Counted FLOPs by part and median prefill latency (ms) for one item at batch 1."""
-    from .. import measure
+    """Counted FLOPs by part (one prefill of ``sample``'s prompt at batch 1, on a meta-device copy of
+    the architecture with ``method`` attached) and the median measured prefill latency in ms."""
+    from ..measure import latency
+    from ..measure.flops import count_flops
+    from ..models import get_adapter
+    from ..models.presets import Preset, default_image_size
+
     inputs = model_inputs(processor, [sample.image], [sample.question], model.device, model.dtype)
-    flops = measure.counted_flops(model, inputs, tokens=method)
-    prefill_ms = measure.prefill_ms(model, inputs, tokens=method, repeats=LATENCY_REPEATS)
+    is_image = get_adapter(model).image_token_mask(inputs["input_ids"])
+    text_tokens = int((inputs["attention_mask"].bool() & ~is_image).sum())
+    preset = Preset(getattr(model, "name_or_path", "") or "model", model.config, default_image_size(model.config))
+    flops = count_flops(preset, text_tokens, method).flops.as_dict()
+    prefill_ms = latency.prefill_ms(model, inputs, method, repeats=LATENCY_REPEATS)
     return {part: int(flops[part]) for part in ("vision", "projector", "llm", "extra", "total")}, prefill_ms
 
 
