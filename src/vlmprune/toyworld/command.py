@@ -1,0 +1,44 @@
+"""``vlmprune toy train``: retrain the toy models from scratch, seeded."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import VlmpruneError
+from .train import LVLMS, STAGES, train
+
+
+def _stages(text: str) -> tuple[str, ...]:
+    stages = tuple(s.strip() for s in text.split(",") if s.strip())
+    if text == "all":
+        return STAGES
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages:
+        raise VlmpruneError(f"--stage must be 'all' or a comma list of {', '.join(STAGES)}; got {text!r}")
+    return stages
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.minutes is not None and args.minutes <= 0:
+        raise VlmpruneError(f"--minutes must be positive, got {args.minutes}")
+    if args.threads < 1:
+        raise VlmpruneError(f"--threads must be at least 1, got {args.threads}")
+    lvlms = LVLMS if args.model == "both" else (args.model,)
+    timings = train(args.out, _stages(args.stage), minutes=args.minutes, seed=args.seed, lvlms=lvlms,
+                    threads=args.threads, bf16=args.bf16)
+    print(json.dumps({stage: round(seconds, 1) for stage, seconds in timings.items()}))
+    return 0
+
+
+def register(subparsers) -> None:
+    toy = subparsers.add_parser("toy", help="the toy world")
+    toy_commands = toy.add_subparsers(dest="toy_command", required=True, metavar="TOY_COMMAND")
+    parser = toy_commands.add_parser("train", help="retrain toy-clip, toy-large and toy-small from scratch")
+    parser.add_argument("--out", default="toy-checkpoints", help="directory for the checkpoints (default: %(default)s)")
+    parser.add_argument("--stage", default="all", help=f"'all' or a comma list of {', '.join(STAGES)}")
+    parser.add_argument("--model", default="both", choices=("both",) + LVLMS, help="LVLM(s) the later stages train")
+    parser.add_argument("--minutes", type=float, default=None, help="wall-time cap per stage")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster only on an idle CPU)")
+    parser.set_defaults(func=_run)
