@@ -180,8 +180,9 @@ def test_kept_tokens_keep_original_positions_and_compact_renumbers(tiny):
     assert torch.equal(compact[0], dense[0, : len(kept)])
 
 
-def test_compact_positions_generate_like_the_no_cache_loop(tiny):
-    model, make_inputs = tiny("qwen2_vl")
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_compact_positions_generate_like_the_no_cache_loop(tiny, family):
+    model, make_inputs = tiny(family)
     inputs = make_inputs(text_lens=(3, 5))
     with vp.tokens.apply(model, vp.tokens.from_spec("random:keep=5,layers=1"), positions="compact"):
         with torch.no_grad():

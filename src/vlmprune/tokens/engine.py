@@ -140,6 +140,7 @@ class _Engine:
         self.vision_stage: _VisionStage | None = None
         self.records: dict[tuple[str, int], tuple] = {}
         self.mode: str = "off"
+        self._in_forward = False
         self._encoding = False
         self._hooks: list[Any] = []
         self._install()
@@ -178,6 +179,7 @@ class _Engine:
     def _install(self) -> None:
         a = self.adapter
         self._hooks.append(self.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
+        self._hooks.append(self.model.register_forward_hook(self._after_model, always_call=True))
         self._hooks.append(a.llm.register_forward_pre_hook(self._on_llm, with_kwargs=True))
         for index, layer in enumerate(a.llm_layers):
             self._hooks.append(layer.register_forward_pre_hook(self._llm_layer_hook(index), with_kwargs=True))
@@ -198,7 +200,6 @@ class _Engine:
 
         a.core.get_image_features = get_image_features
 
-
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
@@ -210,6 +211,7 @@ class _Engine:
 
     # -- model-level hooks ----------------------------------------------------------------
     def _on_model(self, module, args, kwargs):
+        self._in_forward = True
         inputs = dict(kwargs)
         if args:
             inputs.setdefault("input_ids", args[0])
@@ -232,6 +234,9 @@ class _Engine:
             self.mode = "off"
             self.state = None
         return None
+
+    def _after_model(self, module, args, output):
+        self._in_forward = False
 
     def _on_llm(self, module, args, kwargs):
         """Keeps the prompt's position ids (prefill) and gives decode steps their original positions."""
@@ -258,7 +263,7 @@ class _Engine:
     def _encode_images(self, original, args, kwargs):
         """Runs ``get_image_features`` with the vision sites armed; after in-encoder pruning the kept
         features go back to their original slots (zeros elsewhere) so the placeholder count holds."""
-        in_forward = self.mode == "prefill" and self.state is not None
+        in_forward = self._in_forward and self.mode == "prefill"
         stage = _VisionStage(inputs={"pixel_values": args[0] if args else kwargs.get("pixel_values"), **kwargs},
                              method_state=self.state.method_state if in_forward else {})
         self.vision_stage = stage
