@@ -14,7 +14,7 @@ def register(subparsers) -> None:
     parser.add_argument("--tokens", default=None, metavar="SPEC", help="token method, e.g. ivtp:keep=16")
     parser.add_argument("--tasks", default=None, metavar="LIST", help="comma-separated toy tasks (default: all)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="B")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="B")
     parser.add_argument("--reference", default=None, metavar="JSON",
                         help="an eval --json of the dense model to compute retention against "
                              "(for weight-pruned models; token methods default to the same model without them)")

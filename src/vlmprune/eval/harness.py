@@ -22,7 +22,7 @@ from . import dense_cache
 from .normalize import is_correct
 from .retention import retention
 
-MAX_NEW_TOKENS = 8
+MAX_NEW_TOKENS = 5  # toy answers are one word (or a letter) and </s>
 LATENCY_REPEATS = 5
 
 
@@ -72,7 +72,7 @@ def model_inputs(processor, images: Sequence, questions: Sequence[str], device: 
 
 
 @torch.no_grad()
-def generate_answers(model, processor, items: Sequence, batch_size: int = 16,
+def generate_answers(model, processor, items: Sequence, batch_size: int = 32,
                      max_new_tokens: int = MAX_NEW_TOKENS, desc: str = "eval",
                      progress: bool = True) -> list[str]:
     """Greedy replies to each item's question, decoded without special tokens."""
@@ -130,19 +130,16 @@ def _cost(model, processor, method, sample) -> tuple[dict, float]:
 def _accuracy(model, processor, method, items_by_task, batch_size, max_new_tokens, progress, desc):
     items = [item for task_items in items_by_task.values() for item in task_items]
     if method is None:
-        return score(items_by_task, generate_answers(model, processor, items, batch_size,
-                                                     max_new_tokens, desc, progress))
-    from .. import tokens as token_api
-    handle = token_api.apply(model, method)
-    try:
         replies = generate_answers(model, processor, items, batch_size, max_new_tokens, desc, progress)
-    finally:
-        handle.remove()
+    else:
+        from .. import tokens as token_api
+        with token_api.apply(model, method):
+            replies = generate_answers(model, processor, items, batch_size, max_new_tokens, desc, progress)
     return score(items_by_task, replies)
 
 
 def dense_accuracy(model, processor, items_by_task: dict[str, list], limit: int | None,
-                   batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS,
+                   batch_size: int = 32, max_new_tokens: int = MAX_NEW_TOKENS,
                    progress: bool = True) -> dict[str, dict]:
     """Per-task accuracy without token pruning, from the on-disk cache when this model has been run."""
     key = dense_cache.key(model, list(items_by_task), limit, max_new_tokens)
@@ -156,7 +153,7 @@ def dense_accuracy(model, processor, items_by_task: dict[str, list], limit: int 
 
 
 def evaluate(model, processor, tokens=None, tasks=None, limit: int | None = None, *,
-             batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS,
+             batch_size: int = 32, max_new_tokens: int = MAX_NEW_TOKENS,
              reference: dict | None = None, measure: bool = True, progress: bool = True,
              model_name: str | None = None) -> dict:
     """Evaluate ``model`` on the toy tasks, optionally with a token method (SPEC or object) attached.
