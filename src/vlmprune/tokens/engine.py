@@ -88,6 +88,7 @@ class _ForwardState:
     dropped_before: torch.Tensor | None = None       # (B, L) prompt tokens dropped before each one
     layer_keys: dict[int, torch.Tensor] = field(default_factory=dict)
     layer_shift: dict[int, torch.Tensor] = field(default_factory=dict)
+    built: tuple = ()                                # (mask, cos, sin) of the current sequence
     method_state: dict[str, Any] = field(default_factory=dict)
     prompt_length: int = 0
     decoded: int = 0
@@ -381,9 +382,11 @@ class _Engine:
             seq = self._llm_site(self.llm_sites[index], seq)
         if seq.scoring is not None and index >= self.last_llm_site:
             seq = self._drop_scoring(seq)
+        if seq is not st.seq or index == 0:  # layers between sites share one mask and one cos/sin
+            st.built = (self._mask(seq.order, seq.order, seq.valid, seq.hidden.dtype), *self._rotary(seq))
         st.seq = seq
-        cos, sin = self._rotary(seq, index)
-        mask = self._mask(seq.order, seq.order, seq.valid, seq.hidden.dtype)
+        mask, cos, sin = st.built
+        st.layer_shift[index] = st.dropped_before.gather(1, seq.src[:, -1:]).squeeze(1)
         if index in self.record_llm:
             self.records[("llm", index)] = (seq.hidden, cos, sin, mask)
         st.layer_keys[index] = seq.valid
@@ -419,7 +422,7 @@ class _Engine:
         return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
 
     # -- positions ---------------------------------------------------------------------------
-    def _rotary(self, seq: _Sequence, index: int):
+    def _rotary(self, seq: _Sequence):
         st = self.state
         if self.positions == "original":
             return _gather(st.full_cos, seq.src), _gather(st.full_sin, seq.src)
@@ -429,7 +432,6 @@ class _Engine:
             positions = prompt.gather(2, seq.src.expand(3, -1, -1)) - shift
         else:
             positions = prompt.expand(seq.src.shape[0], -1).gather(1, seq.src) - shift
-        st.layer_shift[index] = st.dropped_before.gather(1, seq.src[:, -1:]).squeeze(1)
         return self.adapter.llm_rotary(seq.hidden, positions)
 
     def _compact_decode_rotary(self, index: int, hidden: torch.Tensor, kwargs: dict):
