@@ -39,7 +39,7 @@ def test_spec_examples_and_bad_settings():
     method = from_spec("ivtp:keep=64,group=2,rollout=layer")
     assert (method.keep, method.group, method.rollout) == (64, 2, "layer")
     assert from_spec("ivtp:keep=64,group=2,rollout=layer").spec().startswith("ivtp:keep=64,group=2,rollout=layer")
-    for bad in ("ivtp:group=0", "ivtp:rollout=median", "ivtp:instruction=te", "ivtp:pcls=text", "ivtp:keep=0",
+    for bad in ("ivtp:pcls=clip,instruction=ott", "ivtp:group=0", "ivtp:rollout=median", "ivtp:instruction=te", "ivtp:pcls=text", "ivtp:keep=0",
                 "ivtp:llm_group=0"):
         with pytest.raises(VlmpruneError):
             from_spec(bad)
@@ -47,12 +47,17 @@ def test_spec_examples_and_bad_settings():
         from_spec("ivtp:llm_layers=40").sites(LLAVA15)
 
 
+def _rows(full, rows):
+    return full if rows is None else full.gather(1, rows[..., None].expand(-1, -1, full.shape[-1]))
+
+
 def _vision_context(site, attention_maps, values, n_visual=None):
     hidden = torch.randn(1, values.shape[1], 4)
     visual = torch.arange(1, values.shape[1])[None]
     return SiteContext(site=site, hidden=hidden, visual=visual, original=visual - 1,
                        n_visual=n_visual or visual.shape[1], cls=0, query=None,
-                       attention=lambda layer, rows=None: attention_maps[layer][None], values=lambda layer: values,
+                       attention=lambda layer, rows=None: _rows(attention_maps[layer][None], rows),
+                       values=lambda layer: values,
                        keys=lambda layer: values, inputs={})
 
 
@@ -121,7 +126,8 @@ def tiny_ivtp(tiny):
     vision = model.config.vision_config.to_dict()
     torch.manual_seed(0)
     clip = CLIPModel(CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                 num_attention_heads=2, vocab_size=64, max_position_embeddings=64),
+                                                 num_attention_heads=2, vocab_size=64, max_position_embeddings=64,
+                                                 pad_token_id=0, bos_token_id=1, eos_token_id=1),
                                 vision_config=vision, projection_dim=8)).eval()
     clip.vision_model.load_state_dict(model.model.vision_tower.state_dict())
     clip_tokenizer = _bpe_tokenizer([" ".join(WORDS[1:])] * 3)

@@ -130,3 +130,18 @@ def test_group_ends():
     assert scorers.group_ends(5, 3) == [3, 5]
     assert scorers.group_ends(12, 3) == [3, 6, 9, 12]
     assert scorers.group_ends(5, 100) == [5]
+
+
+@pytest.mark.parametrize("variant", scorers.ROLLOUTS)
+def test_rollout_row_equals_the_row_of_the_full_rollout(variant):
+    torch.manual_seed(0)
+    maps = {layer: torch.softmax(torch.randn(2, 5, 5), -1) for layer in (4, 5, 6)}
+
+    def attention(layer, rows=None):
+        full = maps[layer]
+        return full if rows is None else full.gather(1, rows[..., None].expand(-1, -1, 5))
+
+    query = torch.tensor([0, 3])
+    full = scorers.grouped_rollout([maps[4], maps[5], maps[6]], variant)
+    expected = full[torch.arange(2), query]
+    assert torch.allclose(scorers.grouped_rollout_row(attention, [4, 5, 6], query, variant), expected, atol=1e-6)

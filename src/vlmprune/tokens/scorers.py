@@ -6,7 +6,7 @@ candidate axis. Ties break towards the lower index so that results are reproduci
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ def grouped_rollout(attentions: Sequence[torch.Tensor], variant: str = "residual
         raise VlmpruneError(f"unknown rollout {variant!r}; choose one of: {', '.join(ROLLOUTS)}")
     if not attentions:
         raise ValueError("grouped_rollout needs at least one attention map")
-    maps = [a.float() for a in attentions]
+    maps = [a.float().nan_to_num(0.0) for a in attentions]
     eye = torch.eye(maps[0].shape[-1], dtype=maps[0].dtype, device=maps[0].device)
     if variant == "layer":
         return maps[-1]
@@ -75,6 +75,38 @@ def grouped_rollout(attentions: Sequence[torch.Tensor], variant: str = "residual
         step = _row_normalise(a + eye) if variant == "residual" else a
         rollout = step @ rollout
     return rollout
+
+
+def grouped_rollout_row(attention: Callable[..., torch.Tensor], layers: Sequence[int], query: torch.Tensor,
+                        variant: str = "residual") -> torch.Tensor:
+    """Row ``query`` (B,) of :func:`grouped_rollout` over ``layers``, reading only what it needs:
+    the query rows of every layer, plus full maps of the earlier layers for the products
+    (``residual`` / ``multiply``). ``attention(layer, rows)`` is :attr:`SiteContext.attention`."""
+    if variant not in ROLLOUTS:
+        raise VlmpruneError(f"unknown rollout {variant!r}; choose one of: {', '.join(ROLLOUTS)}")
+    rows = query.view(-1, 1)
+
+    def query_row(layer: int) -> torch.Tensor:
+        return attention(layer, rows)[:, 0].float().nan_to_num(0.0)
+
+    def plus_identity(row: torch.Tensor) -> torch.Tensor:
+        return _row_normalise(row.scatter_add(1, rows, torch.ones_like(rows, dtype=row.dtype)))
+
+    if variant == "layer":
+        return query_row(layers[-1])
+    if variant == "group-mean":
+        return torch.stack([query_row(layer) for layer in layers]).mean(0)
+    if variant in ("mean", "max"):
+        stacked = torch.stack([plus_identity(query_row(layer)) for layer in layers])
+        return stacked.mean(0) if variant == "mean" else _row_normalise(stacked.amax(0))
+    row = query_row(layers[-1])
+    row = plus_identity(row) if variant == "residual" else row
+    for layer in reversed(layers[:-1]):
+        full = attention(layer).float().nan_to_num(0.0)
+        if variant == "residual":
+            full = _row_normalise(full + torch.eye(full.shape[-1], dtype=full.dtype, device=full.device))
+        row = (row.unsqueeze(1) @ full).squeeze(1)
+    return row
 
 
 def significance(query_row: torch.Tensor, values: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -185,17 +217,17 @@ def visionzip_select(
         return dom, dom_tokens
     contextual = min(contextual, rest.shape[1])
     step = max(1, rest.shape[1] // contextual)
-    target_pos = torch.arange(0, rest.shape[1], step, device=tokens.device)[:contextual]
-    is_target = torch.zeros(rest.shape[1], dtype=torch.bool, device=tokens.device)
-    is_target[target_pos] = True
+    targets = list(range(0, rest.shape[1], step))[:contextual]      # positions only: no tensor values read
+    others = sorted(set(range(rest.shape[1])) - set(targets))
+    targets, others = (torch.tensor(p, dtype=torch.long, device=tokens.device) for p in (targets, others))
     rest_keys = F.normalize(gather_tokens(keys.float(), rest), dim=-1)
     rest_tokens = gather_tokens(tokens, rest).float()
-    similarity = rest_keys[:, ~is_target] @ rest_keys[:, is_target].transpose(1, 2)
+    similarity = rest_keys[:, others] @ rest_keys[:, targets].transpose(1, 2)
     assign = F.one_hot(similarity.argmax(-1), contextual).float()          # (B, M, contextual)
     counts = assign.sum(1).clamp_min(1).unsqueeze(-1)
-    merged = assign.transpose(1, 2) @ rest_tokens[:, ~is_target] / counts
-    ctx_tokens = rest_tokens[:, is_target] + merged
-    keep = torch.cat([dom, rest[:, is_target]], dim=1)
+    merged = assign.transpose(1, 2) @ rest_tokens[:, others] / counts
+    ctx_tokens = rest_tokens[:, targets] + merged
+    keep = torch.cat([dom, rest[:, targets]], dim=1)
     return keep, torch.cat([dom_tokens, ctx_tokens.to(tokens.dtype)], dim=1)
 
 

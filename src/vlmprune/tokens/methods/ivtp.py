@@ -66,6 +66,8 @@ class IVTP(TokenMethod):
             raise VlmpruneError(f"ivtp instruction={instruction!r}; choose one of: {', '.join(INSTRUCTIONS)}")
         if pcls not in PSEUDO_CLS:
             raise VlmpruneError(f"ivtp pcls={pcls!r}; choose one of: {', '.join(PSEUDO_CLS)}")
+        if pcls == "clip" and instruction != "ott+te+rt":
+            raise VlmpruneError("ivtp pcls=clip needs the CLIP text encoder: use instruction=ott+te+rt")
         if not isinstance(llm_group, int) or llm_group < 1:
             raise VlmpruneError(f"ivtp llm_group={llm_group!r} must be a layer count >= 1")
         self.keep, self.group, self.rollout = keep, group, rollout
@@ -107,9 +109,8 @@ class IVTP(TokenMethod):
         vision = ctx.site.where == "vision"
         count = (vit if vision else llm)[(self._vit_sites if vision else self._llm_sites).index(ctx.site)]
         layers = self.recorded_layers(ctx.site, None)
-        combined = scorers.grouped_rollout([ctx.attention(layer) for layer in layers], self.rollout)
-        row = ctx.query if not vision else torch.full_like(ctx.visual[:, 0], ctx.cls)
-        query_row = combined.gather(1, row.view(-1, 1, 1).expand(-1, 1, combined.shape[-1])).squeeze(1)
+        query = ctx.query if not vision else torch.full_like(ctx.visual[:, 0], ctx.cls)
+        query_row = scorers.grouped_rollout_row(ctx.attention, layers, query, self.rollout)
         score = scorers.significance(query_row, ctx.values(layers[-1]), ctx.visual)
         keep = scorers.top_indices(score, min(count, ctx.visual.shape[1]))
         if vision and ctx.site == self._vit_sites[-1] and self._pending is not None:
@@ -132,7 +133,7 @@ class IVTP(TokenMethod):
             valid = torch.ones_like(row, dtype=torch.bool) if mask is None else mask[b].bool()
             text_ids = row[after:][valid[after:]]
             instructions.append((text_ids, embed(text_ids)))
-        slot = torch.zeros(ids.shape[0], embed.embedding_dim, dtype=embed.weight.dtype, device=ids.device)
+        slot = torch.zeros(ids.shape[0], embed.embedding_dim, dtype=embed.weight.dtype, device=embed.weight.device)
         if not self._vit_sites:
             for b, (_, embeds) in enumerate(instructions):
                 slot[b] = embeds.mean(0)
@@ -151,7 +152,6 @@ class IVTP(TokenMethod):
             kept = scorers.gather_tokens(ctx.hidden, ctx.visual.gather(1, keep))
             image_embed = self._image_embedding(pending["model"], torch.cat([cls_state[:, None], kept], 1))
         for b, (text_ids, embeds) in enumerate(pending["instructions"]):
-            token_embeds = None
             if self.instruction == "ott":
                 passing = torch.ones(len(text_ids), dtype=torch.bool, device=embeds.device)
             elif self.instruction == "ott+rt":
@@ -160,14 +160,13 @@ class IVTP(TokenMethod):
             else:
                 relevance, token_embeds, clip_passing = self._text_relevance(pending["model"], text_ids, image_embed[b])
                 passing = relevance >= self._tau(pending["model"])
-            if self.pcls == "visual" or not passing.any():
-                value = visual_cls[b]
-            elif self.pcls == "clip":
-                value = self._clip_to_llm(adapter, token_embeds, clip_passing)
-            else:
-                value = embeds[passing].mean(0)
-                if self.pcls == "hybrid":
-                    value = 0.5 * (value + visual_cls[b])
+            text = _masked_mean(embeds, passing)
+            if self.pcls == "clip":
+                text = self._clip_to_llm(adapter, _masked_mean(token_embeds, clip_passing))
+            elif self.pcls == "hybrid":
+                text = 0.5 * (text + visual_cls[b])
+            # value-free branching (no reads into Python), so a shape-only meta forward runs it too
+            value = visual_cls[b] if self.pcls == "visual" else torch.where(passing.any(), text, visual_cls[b])
             pending["slot"][b] = value.to(pending["slot"].dtype)
 
     def _tau(self, model: Any) -> float:
@@ -188,7 +187,7 @@ class IVTP(TokenMethod):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+                self._tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path)
             except (OSError, ValueError):
                 raise VlmpruneError("ivtp needs the LLM tokenizer: pass tokenizer=... or load the model from a "
                                     "directory that holds one") from None
@@ -225,11 +224,16 @@ class IVTP(TokenMethod):
         clip_passing = (clip_relevance >= tau) & (torch.tensor([ce > cs for cs, ce in offsets], device=image_embed.device))
         return relevance, token_embeds, clip_passing
 
-    def _clip_to_llm(self, adapter: Any, token_embeds: torch.Tensor, passing: torch.Tensor) -> torch.Tensor:
-        """``pcls=clip``: mean projected CLIP text embedding, back to the tower width and projected."""
-        mean = token_embeds[passing].mean(0) if passing.any() else token_embeds.mean(0)
+    def _clip_to_llm(self, adapter: Any, mean: torch.Tensor) -> torch.Tensor:
+        """``pcls=clip``: a mean projected CLIP text embedding, back to the tower width and projected."""
         back = torch.linalg.pinv(self._clip.visual_projection.weight.float()) @ mean.float()
         return adapter.projector(back.to(next(adapter.projector.parameters()).dtype))
+
+
+def _masked_mean(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``rows`` (T, D) where ``mask`` (T,) holds; zeros when it holds nowhere."""
+    weights = mask.to(rows.dtype)
+    return (weights @ rows) / weights.sum().clamp_min(1)
 
 
 def llm_token_spans(tokenizer: Any, ids: list[int]) -> tuple[list[tuple[int, int]], str]:
@@ -247,5 +251,5 @@ def _is_toy(model: Any) -> bool:
     """A shipped toy checkpoint, whose tower is the toy CLIP's."""
     from pathlib import Path
     from ...toyworld import CHECKPOINTS
-    path = str(getattr(model, "name_or_path", "") or "")
+    path = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
     return bool(path) and Path(path).resolve().parent == CHECKPOINTS.resolve()
