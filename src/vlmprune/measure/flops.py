@@ -14,10 +14,10 @@ position a forward scores (a plain forward returns logits for all of them): with
   from the shapes the layers actually receive, so savings are measured, not assumed.
 
 ``extra`` is the cost of scoring. Counted: every FLOP spent inside the method's ``reduce`` (and its
-scoring token), taken out of the part it ran in. Analytic: what the engine's attention scoring costs,
-i.e. for each layer a site records, the q/k/v projections of that layer's sequence plus one score row
-per query (LLM sites) or the full score matrix (vision sites); work a method adds on top (rollout
-products, similarity matrices, merging) shows only in the counted value.
+scoring token), taken out of the part it ran in. Analytic: the engine's attention reads the method
+made (noted during the counted forward): each read recomputes the q/k/v projections of the read
+layer's sequence, and an attention read adds the scores of the rows it asks for; work a method adds
+on top (rollout products, similarity matrices, merging) shows only in the counted value.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..models import get_adapter
 from ..models.presets import Preset
-from ..tokens.base import ModelPlan, TokenMethod
+from ..tokens.base import SiteContext, TokenMethod
 from .meta import ShapeOnlyMode, build_meta_model, counting_inputs
 
 PARTS = ("vision", "projector", "llm", "extra", "total")
@@ -54,8 +54,8 @@ class Flops:
 
 @dataclass
 class ScoringStep:
-    """One layer a pruning site reads attention from: its tower, its sequence length (per crop), and
-    how many query rows are scored (``None``: all rows)."""
+    """One read of a recorded layer by a pruning site: its tower, the layer's sequence length (per
+    crop), and the query rows scored (``None``: all rows; 0: keys or values only)."""
 
     tower: str
     length: int
@@ -109,7 +109,7 @@ def analytic_flops(preset: Preset, text_tokens: int, schedule: TokenSchedule | N
                  extra=sum(_scoring(config, step) for step in schedule.scoring))
 
 
-def _attention_widths(text) -> tuple[int, int, int]:
+def attention_widths(text) -> tuple[int, int, int]:
     """(model width, query width H*d, key/value width KV*d) of a decoder's attention."""
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = text.num_key_value_heads or text.num_attention_heads
@@ -118,7 +118,7 @@ def _attention_widths(text) -> tuple[int, int, int]:
 
 def _decoder_layer(text, n: int) -> float:
     """Llama/Qwen2 block: q, k, v, o projections, L x L scores and mixing, SwiGLU (three matrices)."""
-    width, q_width, kv_width = _attention_widths(text)
+    width, q_width, kv_width = attention_widths(text)
     projections = 2 * n * width * (2 * q_width + 2 * kv_width)
     attention = 4 * n * n * q_width
     return projections + attention + 6 * n * width * text.intermediate_size
@@ -188,7 +188,7 @@ def _scoring(config, step: ScoringStep) -> float:
     if step.tower == "vision":
         width = config.vision_config.hidden_size
         return 6 * n * width * width + 2 * n * (n if step.rows is None else step.rows) * width
-    width, q_width, kv_width = _attention_widths(config.text_config)
+    width, q_width, kv_width = attention_widths(config.text_config)
     rows = n if step.rows is None else step.rows
     return 2 * n * width * (q_width + 2 * kv_width) + 2 * rows * n * q_width
 
@@ -210,17 +210,14 @@ def count_flops(preset: Preset, text_tokens: int, method: TokenMethod | None = N
 
     model = build_meta_model(preset)
     adapter = get_adapter(model)
-    recorder = _ScheduleRecorder(model, adapter)
-    handle = None
-    meter = None
-    if method is not None:
-        handle = tokens.apply(model, method)
-        meter = _ScoringMeter(method, _plan(adapter))
+    handle = tokens.apply(model, method) if method is not None else None
+    recorder = _ScheduleRecorder(model, adapter)  # after the engine's hooks: it sees pruned inputs
+    meter = _ScoringMeter(method) if method is not None else None
     inputs = counting_inputs(preset, text_tokens)
     try:
         with FlopCounterMode(display=False) as counter, ShapeOnlyMode(), torch.no_grad():
             if meter is not None:
-                meter.attach(counter, lambda: _part_counts(counter, model, adapter))
+                meter.attach(lambda: _part_counts(counter, model, adapter))
             model(**inputs)
     finally:
         recorder.remove()
@@ -232,31 +229,24 @@ def count_flops(preset: Preset, text_tokens: int, method: TokenMethod | None = N
     spent = meter.spent if meter is not None else {}
     flops = Flops(vision=parts["vision"] - spent.get("vision", 0), projector=parts["projector"] - spent.get("projector", 0),
                   llm=parts["llm"] - spent.get("llm", 0), extra=spent.get("global", 0))
-    other = parts["global"] - parts["vision"] - parts["projector"] - parts["llm"] - flops.extra
-    flops.llm += other  # counted work outside the part modules (none for the supported families)
+    flops.llm += parts["global"] - parts["vision"] - parts["projector"] - parts["llm"]  # outside the parts: none seen
     schedule = recorder.schedule(preset, meter.steps(recorder) if meter is not None else [])
     return CountedFlops(flops, schedule)
 
 
-def _plan(adapter) -> ModelPlan:
-    n_vision = len(adapter.vision_layers) if adapter.vision_layers is not None else 0
-    return ModelPlan(family=adapter.family, n_vision_layers=n_vision, vision_feature_layer=adapter.vision_feature_layer,
-                     n_llm_layers=len(adapter.llm_layers), has_cls=adapter.has_cls)
-
-
-def _part_counts(counter: FlopCounterMode, model: nn.Module, adapter) -> dict[str, float]:
+def _part_counts(counter: FlopCounterMode, model: nn.Module, adapter) -> dict[str, int]:
     """Counted FLOPs so far per part module (the vision count excludes a projector nested in it)."""
     counts = counter.get_flop_counts()
     names = {module: name for name, module in model.named_modules()}
     root = type(model).__name__
 
     def of(module: nn.Module) -> float:
-        return float(sum(counts.get(f"{root}.{names[module]}", {}).values()))
+        return int(sum(counts.get(f"{root}.{names[module]}", {}).values()))
 
     projector = of(adapter.projector)
     nested = any(m is adapter.projector for m in adapter.vision_tower.modules())
-    return {"vision": of(adapter.vision_tower) - (projector if nested else 0.0), "projector": projector,
-            "llm": of(adapter.llm) + of(adapter.lm_head), "global": float(sum(counts.get("Global", {}).values()))}
+    return {"vision": of(adapter.vision_tower) - (projector if nested else 0), "projector": projector,
+            "llm": of(adapter.llm) + of(adapter.lm_head), "global": int(sum(counts.get("Global", {}).values()))}
 
 
 class _ScheduleRecorder:
@@ -306,43 +296,53 @@ class _ScheduleRecorder:
 
 
 class _ScoringMeter:
-    """Wraps the method's ``reduce`` and ``scoring_token`` to measure the FLOPs spent scoring, by part."""
+    """Wraps the method's ``reduce`` and ``scoring_token`` to measure the FLOPs spent scoring, by part,
+    and notes every attention, key and value read a site makes (the analytic price of scoring)."""
 
-    def __init__(self, method: TokenMethod, plan: ModelPlan):
+    _wrapped = ("reduce", "scoring_token")
+
+    def __init__(self, method: TokenMethod):
         self.method = method
-        self.plan = plan
-        self.spent: dict[str, float] = {}
-        self.sites = []
-        self._wrapped = ("reduce", "scoring_token")
+        self.spent: dict[str, int] = {}
+        self.reads: list[tuple[str, int, int | None]] = []    # (tower, layer, query rows or None)
 
-    def attach(self, counter: FlopCounterMode, snapshot) -> None:
+    def attach(self, snapshot) -> None:
         for name in self._wrapped:
-            original = getattr(self.method, name)
-            setattr(self.method, name, self._metered(original, snapshot, record_site=name == "reduce"))
+            setattr(self.method, name, self._metered(getattr(self.method, name), snapshot))
 
-    def _metered(self, original, snapshot, record_site: bool):
+    def _metered(self, original, snapshot):
         def metered(*args, **kwargs):
+            if args and isinstance(args[0], SiteContext):
+                self._watch_reads(args[0])
             before = snapshot()
             result = original(*args, **kwargs)
             after = snapshot()
             for part, value in after.items():
-                self.spent[part] = self.spent.get(part, 0.0) + value - before[part]
-            if record_site:
-                self.sites.append(args[0].site)
+                self.spent[part] = self.spent.get(part, 0) + value - before[part]
             return result
         return metered
+
+    def _watch_reads(self, ctx: SiteContext) -> None:
+        tower = ctx.site.where
+        attention, values, keys = ctx.attention, ctx.values, ctx.keys
+
+        def read_attention(layer, rows=None):
+            self.reads.append((tower, layer, None if rows is None else rows.numel() // rows.shape[0]))
+            return attention(layer, rows)
+
+        def read(getter):
+            def reader(layer):
+                self.reads.append((tower, layer, 0))
+                return getter(layer)
+            return reader
+
+        ctx.attention, ctx.values, ctx.keys = read_attention, read(values), read(keys)
 
     def detach(self) -> None:
         for name in self._wrapped:
             self.method.__dict__.pop(name, None)
 
     def steps(self, recorder: _ScheduleRecorder) -> list[ScoringStep]:
-        """The attention reads of the sites that ran, priced at the recorded layers' lengths."""
-        steps = []
-        for site in self.sites:
-            for layer in self.method.recorded_layers(site, self.plan):
-                if site.where == "vision":
-                    steps.append(ScoringStep("vision", recorder.vision[layer][1], None))
-                else:
-                    steps.append(ScoringStep("llm", recorder.llm[layer], 1))
-        return steps
+        """The reads priced at the recorded layers' sequence lengths."""
+        return [ScoringStep(tower, recorder.vision[layer][1] if tower == "vision" else recorder.llm[layer], rows)
+                for tower, layer, rows in self.reads]
