@@ -174,3 +174,15 @@ def test_downsample_matches_feeding_a_smaller_image(tiny):
     finally:
         hook.remove()
     assert torch.allclose(captured[0], model.model.multi_modal_projector(expected), atol=1e-5)
+
+
+def test_counted_flops_on_a_meta_copy_drop_below_dense(tiny):
+    from vlmprune.measure.flops import count_flops
+    from vlmprune.models.presets import Preset, default_image_size
+
+    model, _ = tiny("llava")
+    preset = Preset("tiny-llava", model.config, default_image_size(model.config))
+    dense = count_flops(preset, 6).flops
+    for spec in SMOKE:
+        flops = count_flops(preset, 6, from_spec(spec)).flops
+        assert flops.llm < dense.llm and flops.vision <= dense.vision, spec

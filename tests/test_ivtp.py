@@ -240,3 +240,16 @@ def test_towers_without_cls_prune_in_the_llm_with_the_instruction_mean(tiny, fam
     assert torch.allclose(slot, _instruction_mean(model, inputs), atol=1e-6)
     with pytest.raises(VlmpruneError, match="lacks"):
         IVTP(llm=False).sites(ModelPlan(family, 0, 0, 4, False))
+
+
+def test_counted_flops_include_the_text_encoder_as_extra(tiny_ivtp):
+    from vlmprune.measure.flops import count_flops
+    from vlmprune.models.presets import Preset, default_image_size
+
+    model = tiny_ivtp[0]
+    preset = Preset("tiny-llava", model.config, default_image_size(model.config))
+    dense = count_flops(preset, 6).flops
+    with_text = count_flops(preset, 6, _ivtp(tiny_ivtp, keep=4)).flops
+    without = count_flops(preset, 6, _ivtp(tiny_ivtp, keep=4, instruction="ott")).flops
+    assert with_text.llm < dense.llm and with_text.vision < dense.vision
+    assert with_text.extra > without.extra > 0
