@@ -146,6 +146,9 @@ def test_split(task: str, n: int | None = None) -> list[Item]:
     return list(_test_items(task)[: n or TEST_SIZE])
 
 
+test_split.__test__ = False  # a data accessor, not a test, when imported into a test module
+
+
 def caption(scene: Scene, rng: random.Random) -> str:
     """A training caption naming each object in random order, binding names both ways.
 

@@ -1,0 +1,139 @@
+"""Toy models: training steps on micro configs, the `toy train` CLI, and the shipped checkpoints."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import CLIPModel
+
+from vlmprune.cli import main
+from vlmprune.errors import VlmpruneError
+from vlmprune.tokens.text_relevance import clip_token_relevance
+from vlmprune.toyworld import build_prompt, checkpoint_dir, load, load_clip, test_split
+from vlmprune.toyworld import configs
+from vlmprune.toyworld.processor import build_processor
+from vlmprune.toyworld.tokenizers import build_clip_tokenizer, build_llm_tokenizer, corpus
+from vlmprune.toyworld.train import (ClipTrainer, SequenceBuilder, StageSettings, _clip_batch, _lvlm_batch,
+                                     accuracy_by_task, lvlm_loss, new_lvlm, pixel_values, train, vision_features)
+
+MICRO = {"toy-clip": "micro", "toy-large": "micro", "toy-small": "micro"}
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    texts = corpus(n_scenes=300)
+    return build_clip_tokenizer(texts), build_llm_tokenizer(texts)
+
+
+def test_micro_clip_and_lvlm_losses_decrease(tokenizers):
+    torch.manual_seed(0)
+    clip_tokenizer, llm_tokenizer = tokenizers
+    clip = CLIPModel(configs.clip_config("micro", clip_tokenizer))
+    trainer = ClipTrainer(clip)
+    batch = _clip_batch(random.Random(0), 8, clip_tokenizer)
+    optimizer = torch.optim.AdamW(trainer.parameters(), lr=3e-3)
+    first = None
+    for _ in range(12):
+        loss = sum(trainer.losses(*batch, clip_tokenizer).values())
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.8 * first
+
+    processor = build_processor(llm_tokenizer)
+    model = new_lvlm("micro", processor, clip, seed=0)
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+    pixels, batch = _lvlm_batch(random.Random(0), SequenceBuilder(processor), "instruct", 4, 3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = lvlm_loss(model, vision_features(model, pixels), batch)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < 0.8 * losses[0]
+    # The training loss path equals the model's own forward from pixel values.
+    with torch.no_grad():
+        direct = model(pixel_values=pixels, **batch).loss
+        manual = lvlm_loss(model, vision_features(model, pixels), batch)
+    assert torch.allclose(direct, manual, atol=1e-5)
+
+
+def test_micro_train_writes_loadable_float16_checkpoints(tmp_path):
+    tiny = StageSettings(steps=2, batch=2, lr=1e-3, warmup=1)
+    settings = {"toy-clip": {"clip": tiny}, "toy-large": {"caption": tiny, "instruct": tiny},
+                "toy-small": {"caption": tiny, "instruct": tiny}}
+    timings = train(str(tmp_path), settings=settings, config_names=MICRO, lvlms=("toy-small",))
+    assert set(timings) == {"clip", "caption", "instruct"}
+    assert sorted(os.listdir(tmp_path)) == ["toy-clip", "toy-small"]
+    with safe_open(str(tmp_path / "toy-small" / "model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
+    model, processor = load(str(tmp_path / "toy-small"))
+    assert next(model.parameters()).dtype == torch.float32
+    assert model.config.vision_feature_layer == -2 and model.config.vision_feature_select_strategy == "default"
+    acc = accuracy_by_task(model, processor, test_split("counting", 2))
+    assert set(acc) == {"counting"}
+
+
+def test_toy_train_cli_rejects_bad_input(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main(["toy", "train", "--out", out, "--stage", "bogus"]) == 2
+    assert main(["toy", "train", "--out", out, "--minutes", "0"]) == 2
+    assert main(["toy", "train", "--out", out, "--threads", "0"]) == 2
+    assert main(["toy", "train", "--out", out, "--stage", "instruct"]) == 2
+    err = capsys.readouterr().err
+    assert "--stage" in err and "--minutes" in err and "caption" in err
+    assert os.listdir(out) == []  # nothing half-written
+    with pytest.raises(SystemExit):
+        main(["toy", "train", "--model", "toy-huge"])
+
+
+def test_unknown_model_names_are_user_errors():
+    with pytest.raises(VlmpruneError):
+        load("toy-huge")
+    with pytest.raises(VlmpruneError):
+        checkpoint_dir("llava")
+    with pytest.raises(VlmpruneError):
+        configs.llava_config("nope", None)
+
+
+def test_relevance_offsets_point_into_the_text(tokenizers):
+    clip_tokenizer, _ = tokenizers
+    torch.manual_seed(0)
+    clip = CLIPModel(configs.clip_config("micro", clip_tokenizer)).eval()
+    texts = ["what colour is the star?", "is there a red cross?"]
+    pixels = pixel_values([item.image for item in test_split("existence", 2)])
+    results = clip_token_relevance(clip, clip_tokenizer, pixels, texts)
+    for text, (offsets, scores) in zip(texts, results):
+        assert len(offsets) == len(scores) > 0
+        assert "".join(text[s:e] for s, e in offsets) == text.replace(" ", "")
+        assert scores.abs().max() <= 1.0
+    with pytest.raises(VlmpruneError):
+        clip_token_relevance(clip, clip_tokenizer, pixels[:1, 0], texts)
+
+
+# ---------------------------------------------------------------- the shipped checkpoints
+
+def test_shipped_checkpoints_are_small_float16_and_load():
+    total = 0
+    for name in ("toy-clip", "toy-large", "toy-small"):
+        path = checkpoint_dir(name) / "model.safetensors"
+        total += path.stat().st_size
+        with safe_open(str(path), "pt") as f:
+            assert all(f.get_tensor(k).dtype == torch.float16 for k in list(f.keys())[:5])
+    assert total < 60e6
+    large, processor = load("toy-large")
+    small, _ = load("toy-small")
+    assert large.config.text_config.num_hidden_layers >= 8
+    assert 2 <= small.config.text_config.num_hidden_layers <= 3
+    assert large.config.vision_config.num_hidden_layers >= 6
+    # Both LVLMs share the CLIP vision tower.
+    clip, _ = load_clip()
+    weight = clip.vision_model.embeddings.patch_embedding.weight
+    assert torch.equal(large.model.vision_tower.embeddings.patch_embedding.weight, weight)
+    assert torch.equal(small.model.vision_tower.embeddings.patch_embedding.weight, weight)
