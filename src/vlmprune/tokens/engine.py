@@ -237,7 +237,11 @@ class _Engine:
         return None
 
     def _after_model(self, module, args, output):
+        """Lets go of the prefill's activations; decode steps only need masks and positions."""
         self._in_forward = False
+        self.records = {}
+        if self.mode == "prefill" and self.state is not None:
+            self.state.seq, self.state.built, self.state.full_cos, self.state.full_sin = None, (), None, None
 
     def _on_llm(self, module, args, kwargs):
         """Keeps the prompt's position ids (prefill) and gives decode steps their original positions."""
