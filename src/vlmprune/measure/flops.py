@@ -136,7 +136,15 @@ def _clip_vision(config, schedule: TokenSchedule) -> float:
     patches = (vision.image_size // vision.patch_size) ** 2
     embed = 2 * patches * vision.hidden_size * vision.num_channels * vision.patch_size ** 2
     layers = sum(_encoder_layer(n, vision.hidden_size, vision.intermediate_size) for n in schedule.vision)
-    return schedule.crops * (embed + layers)
+    head = _siglip_pooling_head(vision, schedule.vision[-1]) if getattr(vision, "vision_use_head", False) else 0
+    return schedule.crops * (embed + layers + head)
+
+
+def _siglip_pooling_head(vision, n: int) -> int:
+    """SigLIP's attention-pooling head (when enabled): one probe query over ``n`` keys, then an MLP."""
+    width = vision.hidden_size
+    projections = 2 * width * width * (1 + 2 * n + 1)   # probe query, keys and values, output
+    return projections + 4 * n * width + 4 * width * vision.intermediate_size
 
 
 def _qwen_vision(preset: Preset, schedule: TokenSchedule) -> float:
