@@ -270,8 +270,10 @@ def test_remove_restores_the_model(tiny, family):
     inputs = make_inputs(text_lens=(3,))
     dense = logits(model, inputs)
     handle = vp.tokens.apply(model, vp.tokens.FastV(layer=1, keep=2))
-    assert logits(model, inputs).shape[1] < dense.shape[1]
-    handle.remove()
+    try:
+        assert logits(model, inputs).shape[1] < dense.shape[1]
+    finally:
+        handle.remove()
     assert torch.equal(logits(model, inputs), dense)
     assert "get_image_features" not in vars(model.model)
 

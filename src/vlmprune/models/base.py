@@ -83,7 +83,8 @@ class ModelAdapter:
 
     def vision_qkv(self, layer: int, hidden: torch.Tensor):
         """Query, key and value heads (B, H, N, d) of vision ``layer`` for its input ``hidden``."""
-        raise VlmpruneError(f"{self.family}: pruning inside the vision encoder is not supported; use Site('llm', 0) or later")
+        raise VlmpruneError(f"{self.family}: pruning inside the vision encoder is not supported; "
+                            "use Site('llm', 0) or later")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,8 @@ def build_tiny(family: str, seed: int = 0, text_config: dict | None = None, visi
     """A seeded tiny ``*ForConditionalGeneration`` of ``family`` in eval mode, float32, SDPA attention,
     and ``make_inputs(text_lens=(6,), image_size=None, seed=0)`` building a left-padded batch with one
     image per sample. ``text_config``/``vision_config`` update the sub-configs; other keywords the top
-    config (``attn_implementation="eager"`` too). ``device="meta"`` builds the model without weights (inputs still come on CPU)."""
+    config (``attn_implementation="eager"`` too). ``device="meta"`` builds the model without weights
+    (inputs still come on the CPU)."""
     attention = overrides.pop("attn_implementation", "sdpa")
     config = _config(family, text_config or {}, vision_config or {}, overrides)
     config._attn_implementation = attention
@@ -177,9 +178,8 @@ def _packed_count(model, family: str, size: tuple[int, int], tiles: int) -> int:
 def sample(inputs: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
     """Sample ``index`` of a ``make_inputs`` batch on its own, without its left padding."""
     keep = inputs["attention_mask"][index].bool()
-    out = {"input_ids": inputs["input_ids"][index][keep][None], "attention_mask": inputs["attention_mask"][index][keep][None]}
-    if "mm_token_type_ids" in inputs:
-        out["mm_token_type_ids"] = inputs["mm_token_type_ids"][index][keep][None]
+    out = {key: inputs[key][index][keep][None] for key in ("input_ids", "attention_mask", "mm_token_type_ids")
+           if key in inputs}
     if "image_grid_thw" in inputs:
         per_image = int(inputs["image_grid_thw"][index].prod())
         out["pixel_values"] = inputs["pixel_values"][index * per_image:(index + 1) * per_image]

@@ -364,7 +364,7 @@ class _Engine:
         st.full_cos, st.full_sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
         index = torch.arange(length, device=device).expand(batch, -1)
         mask = st.inputs.get("attention_mask")
-        valid = mask.to(device=device, dtype=torch.bool) if mask is not None else torch.ones_like(index, dtype=torch.bool)
+        valid = torch.ones_like(index, dtype=torch.bool) if mask is None else mask.to(device=device, dtype=torch.bool)
         is_visual = self.adapter.image_token_mask(st.inputs["input_ids"].to(device))
         visual = _first_true(is_visual, stage.n_visual)
         original = torch.arange(stage.n_visual, device=device).expand(batch, -1)
@@ -461,8 +461,8 @@ class _Engine:
         if not isinstance(reduction, Reduction) or reduction.keep.dim() != 2 or reduction.keep.shape[0] != batch:
             raise VlmpruneError(f"{self.method.name} at {site}: reduce() must return Reduction(keep=(B, k) indices)")
         if not 1 <= reduction.keep.shape[1] <= n_current:
-            raise VlmpruneError(f"{self.method.name} at {site}: keeps {reduction.keep.shape[1]} of {n_current} visual tokens; "
-                                "keep must be between 1 and the tokens present")
+            raise VlmpruneError(f"{self.method.name} at {site}: keeps {reduction.keep.shape[1]} of {n_current} "
+                                "visual tokens; keep must be between 1 and the tokens present")
         keep, order = torch.sort(reduction.keep.long(), dim=1)
         merged = None if reduction.hidden is None else _gather(reduction.hidden, order)
         sizes = None if reduction.sizes is None else reduction.sizes.gather(1, order)
