@@ -160,3 +160,22 @@ def test_bad_tasks_and_limits_are_one_line_errors():
     with pytest.raises(VlmpruneError, match="at least 1"):
         harness.load_items(["existence"], 0)
 
+
+
+def test_eval_command_on_a_saved_directory(tiny_llava, monkeypatch, tmp_path, capsys):
+    from vlmprune.cli import main
+    monkeypatch.setenv("VLMPRUNE_CACHE", str(tmp_path / "cache"))
+    model, processor = tiny_llava
+    model.save_pretrained(tmp_path / "saved")
+    processor.save_pretrained(tmp_path / "saved")
+    out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
+    assert main(["eval", "--model", str(tmp_path / "saved"), "--tokens", "random:keep=20", "--tasks",
+                 "existence,choice", "--limit", "3", "--json", str(out_json), "--md", str(out_md)]) == 0
+    result = json.loads(out_json.read_text())
+    check_schema(result, ["existence", "choice"], 3)
+    assert result["tokens"] == "random:keep=20" and result["model"] == str(tmp_path / "saved")
+    assert set(result["flops"]) == SCHEMA_PARTS and result["flops"]["total"] == sum(
+        result["flops"][part] for part in ("vision", "projector", "llm", "extra"))
+    assert result["prefill_ms"] > 0
+    assert out_md.read_text().splitlines()[2].startswith("| random:keep=20 |")
+    assert "| random:keep=20 |" in capsys.readouterr().out

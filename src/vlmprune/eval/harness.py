@@ -124,7 +124,8 @@ def _cost(model, processor, method, sample) -> tuple[dict, float]:
     preset = Preset(getattr(model, "name_or_path", "") or "model", model.config, default_image_size(model.config))
     flops = count_flops(preset, text_tokens, method).flops.as_dict()
     prefill_ms = latency.prefill_ms(model, inputs, method, repeats=LATENCY_REPEATS)
-    return {part: int(flops[part]) for part in ("vision", "projector", "llm", "extra", "total")}, prefill_ms
+    parts = {part: int(flops[part]) for part in ("vision", "projector", "llm", "extra")}
+    return {**parts, "total": sum(parts.values())}, prefill_ms
 
 
 def _accuracy(model, processor, method, items_by_task, batch_size, max_new_tokens, progress, desc):
