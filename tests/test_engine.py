@@ -265,6 +265,25 @@ def test_scoring_only_token_with_the_cache(tiny, family):
     assert torch.equal(generated, dense) and torch.equal(generated[:, -STEPS:], reference)
 
 
+def test_beam_search_and_repeated_samples(tiny):
+    model, make_inputs = tiny("llava")
+    inputs = make_inputs(text_lens=(3, 5))
+    beams = dict(max_new_tokens=STEPS, num_beams=2, num_return_sequences=2, eos_token_id=None)
+    with torch.no_grad():
+        dense = model.generate(**inputs, **beams)
+        with vp.tokens.apply(model, vp.tokens.FastV(layer=2, keep=n_visual(inputs))):
+            assert torch.equal(model.generate(**inputs, **beams), dense)
+        # generate() encodes each image once, then repeats every sample: the encoder's keep sets follow
+        with vp.tokens.apply(model, vp.tokens.from_spec("random:keep=5,where=vision,layers=2")):
+            once = model(**inputs).logits
+            encoded = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
+            encoded.pooler_output = [row for row in encoded.pooler_output for _ in range(2)]
+            repeated = model(input_ids=inputs["input_ids"].repeat_interleave(2, 0),
+                             attention_mask=inputs["attention_mask"].repeat_interleave(2, 0),
+                             mm_encoder_outputs={"image": encoded}).logits
+    assert torch.allclose(repeated[0::2], once, atol=1e-5) and torch.allclose(repeated[1::2], once, atol=1e-5)
+
+
 def test_remove_restores_the_model(tiny, family):
     model, make_inputs = tiny(family)
     inputs = make_inputs(text_lens=(3,))

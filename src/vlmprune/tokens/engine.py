@@ -357,21 +357,26 @@ class _Engine:
         stage = st.vision
         batch, length = hidden.shape[:2]
         device = hidden.device
-        if stage is None or stage.n_images != batch:
+        if stage is None or stage.n_images == 0 or batch % stage.n_images:
             raise VlmpruneError(f"token pruning supports one image per sample; got "
                                 f"{0 if stage is None else stage.n_images} images for {batch} samples")
+        copies = batch // stage.n_images    # generate(num_beams=..., num_return_sequences=...) repeats samples
         cos, sin = kwargs["position_embeddings"]
         st.full_cos, st.full_sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
         index = torch.arange(length, device=device).expand(batch, -1)
         mask = st.inputs.get("attention_mask")
         valid = torch.ones_like(index, dtype=torch.bool) if mask is None else mask.to(device=device, dtype=torch.bool)
         is_visual = self.adapter.image_token_mask(st.inputs["input_ids"].to(device))
+        if not is_visual.is_meta and not bool((is_visual.sum(1) == stage.n_visual).all()):
+            raise VlmpruneError(f"every sample needs exactly {stage.n_visual} image tokens (one image each); "
+                                "put text-only prompts in a separate batch")
         visual = _first_true(is_visual, stage.n_visual)
         original = torch.arange(stage.n_visual, device=device).expand(batch, -1)
         st.dropped_before = torch.zeros(batch, length, dtype=torch.long, device=device)
         seq = _Sequence(hidden, index, 2 * index, valid, is_visual, visual, original)
         if stage.pruned:
-            seq = self._keep_visual(seq, stage.original.to(device), None, stage.sizes)
+            sizes = None if stage.sizes is None else stage.sizes.repeat_interleave(copies, 0)
+            seq = self._keep_visual(seq, stage.original.to(device).repeat_interleave(copies, 0), None, sizes)
         if st.scoring_embedding is not None:
             seq = self._insert_scoring(seq, st.scoring_embedding)
         return seq
