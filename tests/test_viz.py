@@ -126,3 +126,17 @@ def test_ivtp_keeps_different_tokens_for_questions_about_different_objects():
                             [f"what colour is the {a}?", f"what colour is the {b}?"])
     first, second = (set(row.tolist()) for row in kept[-1][1])
     assert len(first ^ second) >= 4
+
+
+def test_viz_drift_plots_atv_profile(tiny_llava, monkeypatch, tmp_path, capsys):  # noqa: F811
+    from vlmprune.eval import loading
+    monkeypatch.setattr(loading, "load_model", lambda name: tiny_llava)
+    out = tmp_path / "drift.png"
+    assert main(["viz", "drift", "--model", "micro", "--nsamples", "2", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    assert "over 2 blocks on 2 captions" in capsys.readouterr().out
+
+
+def test_viz_rejects_an_output_that_is_not_png(capsys, tmp_path):
+    assert main(["viz", "drift", "--model", "toy-large", "--out", str(tmp_path / "d.jpg")]) == 2
+    assert "ending in .png" in capsys.readouterr().err
