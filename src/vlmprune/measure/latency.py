@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import VlmpruneError
 from ..tokens.base import TokenMethod
@@ -63,19 +64,34 @@ def prefill_ms(model: nn.Module, inputs: dict[str, Any], method: TokenMethod | N
         return 1000 * median_seconds(lambda: model(**inputs, use_cache=True), model, repeats, warmup)
 
 
+class _StepClock(StoppingCriteria):
+    """Notes the time after every generation step (the first right after the prefill); never stops."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        _synchronize(self.model)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def decode_tokens_per_s(model: nn.Module, inputs: dict[str, Any], method: TokenMethod | None = None,
                         new_tokens: int = 16, repeats: int = 3, warmup: int = 1) -> float:
-    """Greedy decode throughput after the prefill, in tokens per second per sequence.
-
-    ``generate`` of ``new_tokens`` tokens costs one prefill plus ``new_tokens - 1`` decode steps, and
-    of one token just the prefill, so the decode time is the difference of the two medians."""
+    """Greedy decode throughput after the prefill, in tokens per second per sequence: the median
+    over ``repeats`` generations of ``new_tokens - 1`` decode steps divided by the time between the
+    first generated token (end of the prefill) and the last."""
     if new_tokens < 2:
         raise VlmpruneError(f"new_tokens={new_tokens}: decode throughput needs at least 2 new tokens")
-
-    def generate(count: int) -> Callable[[], Any]:
-        return lambda: model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False)
-
-    with attached(model, method):
-        full = median_seconds(generate(new_tokens), model, repeats, warmup)
-        prefill = median_seconds(generate(1), model, repeats, warmup)
-    return (new_tokens - 1) / max(full - prefill, 1e-9)
+    if repeats < 1 or warmup < 0:
+        raise VlmpruneError(f"repeats={repeats}, warmup={warmup}: use repeats >= 1 and warmup >= 0")
+    rates = []
+    with attached(model, method), torch.no_grad():
+        for index in range(warmup + repeats):
+            clock = _StepClock(model)
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           stopping_criteria=StoppingCriteriaList([clock]))
+            if index >= warmup:
+                rates.append((len(clock.times) - 1) / max(clock.times[-1] - clock.times[0], 1e-9))
+    return statistics.median(rates)

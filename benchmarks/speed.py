@@ -1,0 +1,139 @@
+"""Prefill latency, decode throughput, KV-cache bytes and FLOPs: dense against every token method.
+
+A random-weight LLaVA-1.5-7B with its real widths (4096-wide Llama, CLIP ViT-L/14-336, 32k vocab)
+but fewer layers (default 4 LLM, 6 vision), one 336 px image (576 visual tokens) and 64 text tokens.
+Every number is also given as a ratio against dense in the same run; times are medians.
+
+    python benchmarks/speed.py [--llm-layers 4] [--vision-layers 6] [--repeats 3] [--tokens SPEC ...]
+
+Prints a Markdown table and writes JSON (default benchmarks/results/speed.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText
+
+from vlmprune import tokens
+from vlmprune.errors import VlmpruneError
+from vlmprune.measure.flops import count_flops
+from vlmprune.measure.latency import decode_tokens_per_s, prefill_ms
+from vlmprune.measure.memory import analytic_kv_cache_bytes, kv_cache_bytes
+from vlmprune.measure.meta import counting_inputs
+from vlmprune.models.presets import Preset, get_preset
+
+# FastV at its paper setting; the others at 64 of 576 visual tokens (IVTP's main budget)
+SPECIAL_SPECS = {"fastv": "fastv:layer=2,keep=0.5", "pyramiddrop": "pyramiddrop"}
+DEFAULT_KEEP = 64
+
+
+def default_specs() -> list[str]:
+    """One SPEC per token method in the registry at run time."""
+    return [SPECIAL_SPECS.get(name, f"{name}:keep={DEFAULT_KEEP}") for name in sorted(tokens.REGISTRY)]
+
+
+def reduced_preset(llm_layers: int, vision_layers: int) -> Preset:
+    preset = get_preset("llava-1.5-7b")
+    preset.config.text_config.num_hidden_layers = llm_layers
+    preset.config.vision_config.num_hidden_layers = vision_layers
+    preset.name = f"llava-1.5-7b widths, {llm_layers} LLM / {vision_layers} vision layers"
+    return preset
+
+
+def real_inputs(preset: Preset, text_tokens: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The counting prompt with random pixels in place of the meta placeholders."""
+    generator = torch.Generator().manual_seed(0)
+    return {key: torch.randn(value.shape, generator=generator, dtype=dtype) if value.device.type == "meta" else value
+            for key, value in counting_inputs(preset, text_tokens).items()}
+
+
+def measure(model, preset, inputs, spec, text_tokens, args, bytes_per_value) -> dict:
+    method = tokens.from_spec(spec) if spec else None
+    counted = count_flops(preset, text_tokens, tokens.from_spec(spec) if spec else None)
+    return {
+        "tokens": spec or "dense",
+        "prefill_ms": prefill_ms(model, inputs, method, repeats=args.repeats, warmup=1),
+        "decode_tok_s": decode_tokens_per_s(model, inputs, method, new_tokens=args.new_tokens,
+                                            repeats=args.repeats, warmup=0),
+        "kv_bytes": kv_cache_bytes(model, inputs, method),
+        "kv_bytes_analytic": analytic_kv_cache_bytes(preset.config.text_config, counted.schedule, bytes_per_value),
+        "flops": counted.flops.as_dict()["total"],
+        "llm_tokens_after_pruning": counted.schedule.head,
+    }
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    dense = rows[0]
+    for row in rows:
+        if "error" not in row:
+            for key in ("prefill_ms", "decode_tok_s", "kv_bytes", "flops"):
+                row[f"{key}_ratio"] = row[key] / dense[key]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| tokens | prefill ms | x dense | decode tok/s | x dense | KV MiB | x dense | FLOPs x dense |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['tokens']} | failed: {row['error']} |||||||")
+            continue
+        lines.append(f"| {row['tokens']} | {row['prefill_ms']:.0f} | {row['prefill_ms_ratio']:.2f} | "
+                     f"{row['decode_tok_s']:.2f} | {row['decode_tok_s_ratio']:.2f} | {row['kv_bytes'] / 2**20:.1f} | "
+                     f"{row['kv_bytes_ratio']:.2f} | {row['flops_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llm-layers", type=int, default=4)
+    parser.add_argument("--vision-layers", type=int, default=6)
+    parser.add_argument("--text-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per number (median)")
+    parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated for the decode rate")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokens", nargs="*", metavar="SPEC", help="token methods (default: every registered one)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "speed.json")
+    args = parser.parse_args(argv)
+
+    dtype = getattr(torch, args.dtype)
+    preset = reduced_preset(args.llm_layers, args.vision_layers)
+    torch.manual_seed(0)
+    started = time.time()
+    model = AutoModelForImageTextToText.from_config(preset.config, dtype=dtype).to(args.device).eval()
+    inputs = {k: v.to(args.device) for k, v in real_inputs(preset, args.text_tokens, dtype).items()}
+    bytes_per_value = torch.empty((), dtype=dtype).element_size()
+    rows = []
+    for spec in [None, *(default_specs() if args.tokens is None else args.tokens)]:
+        print(f"measuring {spec or 'dense'} ...", file=sys.stderr, flush=True)
+        try:
+            rows.append(measure(model, preset, inputs, spec, args.text_tokens, args, bytes_per_value))
+        except (VlmpruneError, RuntimeError, ValueError, NotImplementedError) as exc:
+            if spec is None:
+                raise
+            rows.append({"tokens": spec, "error": str(exc).splitlines()[0][:160]})
+    rows = with_ratios(rows)
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "torch_threads": torch.get_num_threads(), "device": args.device,
+               "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None}
+    report = {"model": preset.name, "visual_tokens": preset.geometry.llm_tokens, "text_tokens": args.text_tokens,
+              "dtype": args.dtype, "repeats": args.repeats, "new_tokens": args.new_tokens, "machine": machine,
+              "torch": torch.__version__, "seconds": round(time.time() - started, 1), "results": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"{preset.name}; {preset.geometry.llm_tokens} visual + {args.text_tokens} text tokens; {args.dtype} on "
+          f"{args.device}; medians of {args.repeats}")
+    print(table(rows))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
