@@ -1,0 +1,2 @@
+"""What pruning buys: FLOPs by part (``flops``: analytic and counted on a meta-device model),
+prefill latency and decode throughput (``latency``), KV-cache bytes (``memory``)."""
