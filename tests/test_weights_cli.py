@@ -74,3 +74,28 @@ def test_bad_device_is_one_line():
     model, make = build_tiny("llava", seed=0)
     with pytest.raises(VlmpruneError, match="unknown device"):
         vp.weights.prune(model, vp.weights.from_spec("magnitude"), device="gpu7")
+
+
+def test_cli_prunes_and_saves_a_loadable_directory(tmp_path):
+    from vlmprune.toyworld import configs
+    from vlmprune.toyworld.processor import build_processor
+    from vlmprune.toyworld.tokenizers import build_llm_tokenizer, corpus
+
+    tokenizer = build_llm_tokenizer(corpus(n_scenes=60))
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(configs.llava_config("micro", tokenizer)).eval()
+    source = tmp_path / "micro"
+    model.save_pretrained(source)
+    build_processor(tokenizer).save_pretrained(source)
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", str(source), "--method", "wanda", "--sparsity", "0.5", "--pattern", "4:8",
+            "--nsamples", "2", "--out", str(out)]
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["micro", "pruned"]
+    record = json.loads((out / "config.json").read_text())[CONFIG_KEY]
+    assert (record["method"], record["pattern"], record["nsamples"]) == ("wanda", "4:8", 2)
+    assert record["targets"] == "every Linear of the LLM decoder layers"
+    loaded = LlavaForConditionalGeneration.from_pretrained(out)
+    q = loaded.model.language_model.layers[0].self_attn.q_proj.weight
+    assert (q.reshape(q.shape[0], -1, 8) != 0).sum(dim=2).max() == 4
+    assert int((loaded.model.multi_modal_projector.linear_1.weight == 0).sum()) == 0

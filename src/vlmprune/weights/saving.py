@@ -21,6 +21,9 @@ def save_pruned(model, processor, out: str | Path, record: dict[str, Any]) -> Pa
         raise VlmpruneError(f"--out {out} is a file: give a directory path")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    partial.chmod(0o777 & ~umask)          # mkdtemp makes it private; the result is an ordinary directory
     try:
         setattr(model.config, CONFIG_KEY, record)
         model.save_pretrained(partial)
