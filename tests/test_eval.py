@@ -43,6 +43,10 @@ def tiny_llava():
     ("3.5", "3.5"),
     ("what's that?", "what 's that"),
     ("none", "0"),
+    ("3.", "3"),            # lmms-eval drops a period after a digit too, unless a digit follows
+    ("1,000", "1000"),
+    ("? (red)", "red"),     # punctuation next to a space is deleted, not spaced
+    ("red/blue", "red blue"),
 ])
 def test_vqa_normalize_follows_lmms_eval(reply, expected):
     assert vqa_normalize(reply) == expected

@@ -30,7 +30,9 @@ _CONTRACTIONS = {
 _PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
                 "@", "`", ",", "?", "!")
 _DIGIT_COMMA = re.compile(r"(?<=\d),+(?=\d)")
-_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
+# lmms-eval's pattern reads ``(?!<=\d)(\.)(?!\d)``: its first group is a lookahead, not a lookbehind,
+# so in effect every period not followed by a digit goes ("3." -> "3", "3.5" stays).
+_PERIOD = re.compile(r"\.(?!\d)")
 
 
 def _strip_punctuation(text: str) -> str:
@@ -44,8 +46,8 @@ def _strip_punctuation(text: str) -> str:
 
 def vqa_normalize(text: str) -> str:
     """The VQAv2 answer processing used by lmms-eval for free-form answers."""
-    text = text.lower().replace("\n", " ").replace("\t", " ").strip()
-    text = text.replace(",", "").replace("?", "").replace("'s", " 's")
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()  # after the strip above, as there
     text = _strip_punctuation(text)
     words = [_NUMBERS.get(word, word) for word in text.split()]
     words = [_CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES]
