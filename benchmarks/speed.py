@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,27 +54,43 @@ def real_inputs(preset: Preset, text_tokens: int, dtype: torch.dtype) -> dict[st
             for key, value in counting_inputs(preset, text_tokens).items()}
 
 
-def measure(model, preset, inputs, spec, text_tokens, args, bytes_per_value) -> dict:
-    method = tokens.from_spec(spec) if spec else None
+def static_measures(model, preset, inputs, spec, text_tokens, bytes_per_value) -> dict:
+    """KV-cache bytes (measured and analytic) and counted FLOPs: no timing, one run each (a method
+    that cannot run on this model fails here, before the timed rounds)."""
     counted = count_flops(preset, text_tokens, tokens.from_spec(spec) if spec else None)
     return {
         "tokens": spec or "dense",
-        "prefill_ms": prefill_ms(model, inputs, method, repeats=args.repeats, warmup=1),
-        "decode_tok_s": decode_tokens_per_s(model, inputs, method, new_tokens=args.new_tokens,
-                                            repeats=args.repeats, warmup=0),
-        "kv_bytes": kv_cache_bytes(model, inputs, method),
+        "kv_bytes": kv_cache_bytes(model, inputs, tokens.from_spec(spec) if spec else None),
         "kv_bytes_analytic": analytic_kv_cache_bytes(preset.config.text_config, counted.schedule, bytes_per_value),
         "flops": counted.flops.as_dict()["total"],
         "llm_tokens_after_pruning": counted.schedule.head,
     }
 
 
-def with_ratios(rows: list[dict]) -> list[dict]:
+def timed_rounds(model, inputs, rows: list[dict], rounds: int, new_tokens: int) -> None:
+    """Prefill ms and decode tokens/s, every method once per round, so that a change in the machine's
+    load hits them all alike; each ratio is the median over rounds of value / dense in that round."""
+    specs = [None if row["tokens"] == "dense" else row["tokens"] for row in rows]
+    methods = [tokens.from_spec(spec) if spec else None for spec in specs]
+    prefill = [[] for _ in specs]
+    decode = [[] for _ in specs]
+    decode_tokens_per_s(model, inputs, new_tokens=2, repeats=1, warmup=0)  # warm-up (forwards ran already)
+    for _ in range(rounds):
+        for index, method in enumerate(methods):
+            prefill[index].append(prefill_ms(model, inputs, method, repeats=1, warmup=0))
+            decode[index].append(decode_tokens_per_s(model, inputs, method, new_tokens=new_tokens, repeats=1, warmup=0))
+    for row, times, rates in zip(rows, prefill, decode):
+        row["prefill_ms"] = statistics.median(times)
+        row["decode_tok_s"] = statistics.median(rates)
+        row["prefill_ms_ratio"] = statistics.median(t / d for t, d in zip(times, prefill[0]))
+        row["decode_tok_s_ratio"] = statistics.median(r / d for r, d in zip(rates, decode[0]))
+
+
+def with_static_ratios(rows: list[dict]) -> list[dict]:
     dense = rows[0]
     for row in rows:
-        if "error" not in row:
-            for key in ("prefill_ms", "decode_tok_s", "kv_bytes", "flops"):
-                row[f"{key}_ratio"] = row[key] / dense[key]
+        for key in ("kv_bytes", "flops"):
+            row[f"{key}_ratio"] = row[key] / dense[key]
     return rows
 
 
@@ -95,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llm-layers", type=int, default=4)
     parser.add_argument("--vision-layers", type=int, default=6)
     parser.add_argument("--text-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per number (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (medians over rounds)")
     parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated for the decode rate")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -110,26 +127,29 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForImageTextToText.from_config(preset.config, dtype=dtype).to(args.device).eval()
     inputs = {k: v.to(args.device) for k, v in real_inputs(preset, args.text_tokens, dtype).items()}
     bytes_per_value = torch.empty((), dtype=dtype).element_size()
-    rows = []
+    rows, failed = [], []
     for spec in [None, *(default_specs() if args.tokens is None else args.tokens)]:
         print(f"measuring {spec or 'dense'} ...", file=sys.stderr, flush=True)
         try:
-            rows.append(measure(model, preset, inputs, spec, args.text_tokens, args, bytes_per_value))
+            rows.append(static_measures(model, preset, inputs, spec, args.text_tokens, bytes_per_value))
         except (VlmpruneError, RuntimeError, ValueError, NotImplementedError) as exc:
             if spec is None:
                 raise
-            rows.append({"tokens": spec, "error": str(exc).splitlines()[0][:160]})
-    rows = with_ratios(rows)
+            rows = [row for row in rows if row["tokens"] != spec]
+            failed.append({"tokens": spec, "error": str(exc).splitlines()[0][:160]})
+    print(f"timing {len(rows)} settings x {args.repeats} rounds ...", file=sys.stderr, flush=True)
+    timed_rounds(model, inputs, rows, args.repeats, args.new_tokens)
+    rows = with_static_ratios(rows) + failed
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "torch_threads": torch.get_num_threads(), "device": args.device,
                "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None}
     report = {"model": preset.name, "visual_tokens": preset.geometry.llm_tokens, "text_tokens": args.text_tokens,
-              "dtype": args.dtype, "repeats": args.repeats, "new_tokens": args.new_tokens, "machine": machine,
+              "dtype": args.dtype, "rounds": args.repeats, "new_tokens": args.new_tokens, "machine": machine,
               "torch": torch.__version__, "seconds": round(time.time() - started, 1), "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"{preset.name}; {preset.geometry.llm_tokens} visual + {args.text_tokens} text tokens; {args.dtype} on "
-          f"{args.device}; medians of {args.repeats}")
+          f"{args.device}; medians of {args.repeats} interleaved rounds")
     print(table(rows))
     print(f"wrote {args.out}")
     return 0

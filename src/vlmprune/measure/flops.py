@@ -39,16 +39,16 @@ PARTS = ("vision", "projector", "llm", "extra", "total")
 class Flops:
     """FLOPs by part; ``total`` is their sum."""
 
-    vision: float = 0.0
-    projector: float = 0.0
-    llm: float = 0.0
-    extra: float = 0.0
+    vision: int = 0
+    projector: int = 0
+    llm: int = 0
+    extra: int = 0
 
     @property
-    def total(self) -> float:
+    def total(self) -> int:
         return self.vision + self.projector + self.llm + self.extra
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total}
 
 
@@ -116,7 +116,7 @@ def attention_widths(text) -> tuple[int, int, int]:
     return text.hidden_size, text.num_attention_heads * head_dim, kv_heads * head_dim
 
 
-def _decoder_layer(text, n: int) -> float:
+def _decoder_layer(text, n: int) -> int:
     """Llama/Qwen2 block: q, k, v, o projections, L x L scores and mixing, SwiGLU (three matrices)."""
     width, q_width, kv_width = attention_widths(text)
     projections = 2 * n * width * (2 * q_width + 2 * kv_width)
@@ -124,14 +124,14 @@ def _decoder_layer(text, n: int) -> float:
     return projections + attention + 6 * n * width * text.intermediate_size
 
 
-def _encoder_layer(n: int, width: int, mlp: int, mlp_matrices: int = 2, attention_pairs: int | None = None) -> float:
+def _encoder_layer(n: int, width: int, mlp: int, mlp_matrices: int = 2, attention_pairs: int | None = None) -> int:
     """ViT block: four width x width projections, scores and mixing over ``attention_pairs`` query-key
     pairs (n * n for full attention), and an MLP of ``mlp_matrices`` width x mlp matrices."""
     pairs = n * n if attention_pairs is None else attention_pairs
     return 8 * n * width * width + 4 * pairs * width + 2 * mlp_matrices * n * width * mlp
 
 
-def _clip_vision(config, schedule: TokenSchedule) -> float:
+def _clip_vision(config, schedule: TokenSchedule) -> int:
     vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
     embed = 2 * patches * vision.hidden_size * vision.num_channels * vision.patch_size ** 2
@@ -147,7 +147,7 @@ def _siglip_pooling_head(vision, n: int) -> int:
     return projections + 4 * n * width + 4 * width * vision.intermediate_size
 
 
-def _qwen_vision(preset: Preset, schedule: TokenSchedule) -> float:
+def _qwen_vision(preset: Preset, schedule: TokenSchedule) -> int:
     config = preset.config
     vision = config.vision_config
     width = vision.embed_dim if config.model_type == "qwen2_vl" else vision.hidden_size
@@ -177,7 +177,7 @@ def _window_pairs(vision, grid: tuple[int, int]) -> int:
     return pairs
 
 
-def _projector(config, rows: int) -> float:
+def _projector(config, rows: int) -> int:
     """LLaVA's two-layer MLP projector, or Qwen's merger (a two-layer MLP on 2x2-merged patches)."""
     text_width = config.text_config.hidden_size
     vision = config.vision_config
@@ -190,7 +190,7 @@ def _projector(config, rows: int) -> float:
     return 2 * rows * (vision.hidden_size * text_width + text_width * text_width)
 
 
-def _scoring(config, step: ScoringStep) -> float:
+def _scoring(config, step: ScoringStep) -> int:
     """The engine's attention read at one recorded layer (see the module docstring)."""
     n = step.length
     if step.tower == "vision":
@@ -235,9 +235,11 @@ def count_flops(preset: Preset, text_tokens: int, method: TokenMethod | None = N
             meter.detach()
     parts = _part_counts(counter, model, adapter)
     spent = meter.spent if meter is not None else {}
-    flops = Flops(vision=parts["vision"] - spent.get("vision", 0), projector=parts["projector"] - spent.get("projector", 0),
-                  llm=parts["llm"] - spent.get("llm", 0), extra=spent.get("global", 0))
-    flops.llm += parts["global"] - parts["vision"] - parts["projector"] - parts["llm"]  # outside the parts: none seen
+    # work outside the three part modules (none in a dense forward) is pruning overhead: extra
+    flops = Flops(vision=parts["vision"] - spent.get("vision", 0),
+                  projector=parts["projector"] - spent.get("projector", 0),
+                  llm=parts["llm"] - spent.get("llm", 0),
+                  extra=spent.get("global", 0) - spent.get("outside", 0) + parts["outside"])
     schedule = recorder.schedule(preset, meter.steps(recorder) if meter is not None else [])
     return CountedFlops(flops, schedule)
 
@@ -248,13 +250,15 @@ def _part_counts(counter: FlopCounterMode, model: nn.Module, adapter) -> dict[st
     names = {module: name for name, module in model.named_modules()}
     root = type(model).__name__
 
-    def of(module: nn.Module) -> float:
+    def of(module: nn.Module) -> int:
         return int(sum(counts.get(f"{root}.{names[module]}", {}).values()))
 
     projector = of(adapter.projector)
     nested = any(m is adapter.projector for m in adapter.vision_tower.modules())
-    return {"vision": of(adapter.vision_tower) - (projector if nested else 0), "projector": projector,
-            "llm": of(adapter.llm) + of(adapter.lm_head), "global": int(sum(counts.get("Global", {}).values()))}
+    parts = {"vision": of(adapter.vision_tower) - (projector if nested else 0), "projector": projector,
+             "llm": of(adapter.llm) + of(adapter.lm_head), "global": int(sum(counts.get("Global", {}).values()))}
+    parts["outside"] = parts["global"] - parts["vision"] - parts["projector"] - parts["llm"]
+    return parts
 
 
 class _ScheduleRecorder:
