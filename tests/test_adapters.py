@@ -4,7 +4,7 @@ from torch import nn
 
 from vlmprune import VlmpruneError
 from vlmprune.models import get_adapter
-from vlmprune.models.tiny import IMAGE_TOKEN
+from vlmprune.models.tiny import IMAGE_TOKEN, build_tiny
 
 
 def test_accessors_point_at_the_right_modules(tiny, family):
@@ -40,6 +40,13 @@ def test_image_mask_and_spans_match_the_features(tiny, family):
 def test_llava_feature_layer_is_non_negative(tiny):
     adapter = get_adapter(tiny("llava")[0])
     assert adapter.vision_feature_layer == len(adapter.vision_layers) - 2
+
+
+def test_llava_reading_several_layers_or_cls_has_no_encoder_sites():
+    several = get_adapter(build_tiny("llava", vision_feature_layer=[-3, -2])[0])
+    assert several.vision_layers is None and several.vision_feature_layer == 2
+    full = get_adapter(build_tiny("llava", vision_feature_select_strategy="full")[0])
+    assert full.vision_layers is None and full.vision_feature_layer == 2
 
 
 def test_unsupported_model_raises_one_line():

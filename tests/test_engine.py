@@ -329,7 +329,7 @@ def test_bad_input_raises_one_line(tiny):
         vp.tokens.apply(model, vp.tokens.FastV(layer=9))
     with pytest.raises(VlmpruneError, match="vision sites go from 0 to 3"):
         vp.tokens.apply(model, KeepEveryOther([Site("vision", 4)]))
-    with pytest.raises(VlmpruneError, match="qwen2_vl has no in-encoder pruning sites"):
+    with pytest.raises(VlmpruneError, match="this qwen2_vl model has no in-encoder pruning sites"):
         vp.tokens.apply(tiny("qwen2_vl")[0], vp.tokens.from_spec("random:where=vision,layers=1"))
     with vp.tokens.apply(model, vp.tokens.FastV(layer=2, keep=17)):
         with pytest.raises(VlmpruneError, match="keep=17 is more than the 16 visual tokens"):

@@ -104,12 +104,17 @@ class ClipTowerMixin:
         return tower.encoder.layers
 
     def _feature_layer_index(self) -> int:
-        """Non-negative index of the encoder layer whose output the LLM reads."""
-        layer = self.model.config.vision_feature_layer
-        if not isinstance(layer, int):
-            raise VlmpruneError("a list of vision_feature_layer values is not supported; use one layer")
+        """Non-negative index of the (deepest) encoder layer whose output the LLM reads."""
+        layers = self.model.config.vision_feature_layer
         n = len(self._tower_layers())
-        return layer - 1 if layer > 0 else n + layer  # hidden_states[j] is the output of layer j-1
+        # hidden_states[j] is the output of layer j-1
+        return max(layer - 1 if layer > 0 else n + layer for layer in (layers if isinstance(layers, list) else [layers]))
+
+    def _prunable_tower_layers(self) -> nn.ModuleList | None:
+        """The encoder layers, when the LLM reads a single layer's patch tokens without [CLS]."""
+        config = self.model.config
+        single = isinstance(config.vision_feature_layer, int)
+        return self._tower_layers() if single and config.vision_feature_select_strategy == "default" else None
 
     def vision_qkv(self, layer: int, hidden: torch.Tensor):
         block = self._tower_layers()[layer]

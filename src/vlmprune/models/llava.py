@@ -13,7 +13,7 @@ class LlavaAdapter(ClipTowerMixin, ModelAdapter):
         super().__init__(model)
         self.vision_tower = self.core.vision_tower
         self.projector = self.core.multi_modal_projector
-        self.vision_layers = self._tower_layers()
+        self.vision_layers = self._prunable_tower_layers()
         self.vision_feature_layer = self._feature_layer_index()
 
     def patch_grid(self, inputs: dict[str, Any]) -> tuple[int, int]:

@@ -20,9 +20,6 @@ class LlavaNextAdapter(ClipTowerMixin, ModelAdapter):
         self.vision_layers = None
         self.vision_feature_layer = self._feature_layer_index()
 
-    def vision_qkv(self, layer, hidden):
-        return ModelAdapter.vision_qkv(self, layer, hidden)
-
     def patch_grid(self, inputs: dict[str, Any]) -> tuple[int, int]:
         cfg = self.model.config.vision_config
         side = cfg.image_size // cfg.patch_size

@@ -46,25 +46,23 @@ _PINPOINTS = [[28, 56], [56, 28], [56, 56]]
 
 
 def _config(family: str, text: dict, vision: dict, top: dict):
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                 image_size=_TILE, patch_size=14)
     if family == "llava":
-        return LlavaConfig(
-            vision_config=CLIPVisionConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                                     num_attention_heads=2, image_size=28, patch_size=7), **vision}),
-            text_config=LlamaConfig(**{**_TEXT, **text}),
-            image_token_id=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default", **top)
+        return LlavaConfig(**{
+            "vision_config": CLIPVisionConfig(**{**tower, "num_hidden_layers": 4, "patch_size": 7, **vision}),
+            "text_config": LlamaConfig(**{**_TEXT, **text}), "image_token_id": IMAGE_TOKEN,
+            "vision_feature_layer": -2, "vision_feature_select_strategy": "default", **top})
     if family == "llava_next":
-        return LlavaNextConfig(
-            vision_config=CLIPVisionConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                                     num_attention_heads=2, image_size=_TILE, patch_size=14), **vision}),
-            text_config=LlamaConfig(**{**_TEXT, **text}), image_grid_pinpoints=_PINPOINTS,
-            image_token_id=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default", **top)
+        return LlavaNextConfig(**{
+            "vision_config": CLIPVisionConfig(**{**tower, **vision}), "text_config": LlamaConfig(**{**_TEXT, **text}),
+            "image_grid_pinpoints": _PINPOINTS, "image_token_id": IMAGE_TOKEN, "vision_feature_layer": -2,
+            "vision_feature_select_strategy": "default", **top})
     if family == "llava_onevision":
-        return LlavaOnevisionConfig(
-            vision_config=SiglipVisionConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                                       num_attention_heads=2, image_size=_TILE, patch_size=14), **vision}),
-            text_config=Qwen2Config(**{**_TEXT, **text}), image_grid_pinpoints=_PINPOINTS,
-            image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN, vision_feature_layer=-1,
-            vision_feature_select_strategy="full", **top)
+        return LlavaOnevisionConfig(**{
+            "vision_config": SiglipVisionConfig(**{**tower, **vision}), "text_config": Qwen2Config(**{**_TEXT, **text}),
+            "image_grid_pinpoints": _PINPOINTS, "image_token_index": IMAGE_TOKEN, "video_token_index": VIDEO_TOKEN,
+            "vision_feature_layer": -1, "vision_feature_select_strategy": "full", **top})
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
     text_config = {**_TEXT, "rope_parameters": rope, **text}
     ids = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
@@ -72,12 +70,12 @@ def _config(family: str, text: dict, vision: dict, top: dict):
     if family == "qwen2_vl":
         vision_config = {**dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=7,
                                 temporal_patch_size=2, spatial_merge_size=2), **vision}
-        return Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **ids, **top)
+        return Qwen2VLConfig(**{"text_config": text_config, "vision_config": vision_config, **ids, **top})
     if family == "qwen2_5_vl":
         vision_config = {**dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
                                 patch_size=7, temporal_patch_size=2, spatial_merge_size=2, window_size=28,
                                 fullatt_block_indexes=[1]), **vision}
-        return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **ids, **top)
+        return Qwen2_5_VLConfig(**{"text_config": text_config, "vision_config": vision_config, **ids, **top})
     raise VlmpruneError(f"unknown tiny family {family!r}; choose one of: {', '.join(FAMILIES)}")
 
 

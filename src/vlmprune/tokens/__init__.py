@@ -21,3 +21,7 @@ def __getattr__(name: str):
         if cls.__name__ == name:
             return cls
     raise AttributeError(f"module 'vlmprune.tokens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *(cls.__name__ for cls in REGISTRY.values())])

@@ -159,10 +159,9 @@ class _Engine:
         for site in self.method.sites(self.plan):
             if site.where == "vision":
                 if self.adapter.vision_layers is None:
-                    raise VlmpruneError(f"{self.method.name}: {self.plan.family} has no in-encoder pruning sites; "
+                    raise VlmpruneError(f"{self.method.name}: this {self.plan.family} model has no in-encoder pruning "
+                                        "sites (they need a CLIP tower read at one layer without [CLS]); "
                                         "use Site('llm', 0) (before the LLM) or later")
-                if self.model.config.vision_feature_select_strategy != "default":
-                    raise VlmpruneError("vision sites need vision_feature_select_strategy='default' ([CLS] dropped)")
                 last = self.plan.vision_feature_layer + 1
                 if not 0 <= site.layer <= last:
                     raise VlmpruneError(f"{self.method.name}: {site} is out of range; vision sites go from 0 to "
