@@ -186,3 +186,12 @@ def test_counted_flops_on_a_meta_copy_drop_below_dense(tiny):
     for spec in SMOKE:
         flops = count_flops(preset, 6, from_spec(spec)).flops
         assert flops.llm < dense.llm and flops.vision <= dense.vision, spec
+
+
+def test_every_method_generates_on_tiny_llava(tiny):
+    model, make_inputs = tiny("llava")
+    inputs = make_inputs(text_lens=(5, 3))
+    for spec in SMOKE:
+        with apply(model, from_spec(spec)), torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert out.shape == (2, inputs["input_ids"].shape[1] + 2), spec

@@ -253,3 +253,15 @@ def test_counted_flops_include_the_text_encoder_as_extra(tiny_ivtp):
     without = count_flops(preset, 6, _ivtp(tiny_ivtp, keep=4, instruction="ott")).flops
     assert with_text.llm < dense.llm and with_text.vision < dense.vision
     assert with_text.extra > without.extra > 0
+
+
+def test_generate_encodes_the_image_first_and_still_fills_the_pseudo_cls(tiny_ivtp):
+    model, make_inputs, *_ = tiny_ivtp
+    inputs = make_inputs(text_lens=(5, 3))
+    method = _ivtp(tiny_ivtp, keep=4, tau=-2.0)
+    slots = []
+    scoring = method.scoring_token
+    method.scoring_token = lambda model_, inputs_: slots.append(scoring(model_, inputs_)) or slots[-1]
+    with apply(model, method), torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert len(slots) == 1 and torch.allclose(slots[0], _instruction_mean(model, inputs), atol=1e-6)

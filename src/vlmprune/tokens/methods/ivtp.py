@@ -14,9 +14,9 @@ layers) are scaled with the model by default.
 
 Decisions: the image embedding ``x_cls^V`` of Eq. 6 is the [CLS] the (pruned) tower produces, run
 through the CLIP vision layers after the feature layer, ``post_layernorm`` and ``visual_projection``;
-so the CLIP model given must be the tower's CLIP. The pseudo-[CLS] is computed during the vision
-stage (the engine asks for it before the vision tower runs and inserts it after) and written into
-the tensor :meth:`scoring_token` returned. ``ott+rt`` (no CLIP text encoder) scores each text token by
+so the CLIP model given must be the tower's CLIP. The pseudo-[CLS] is written into the tensor
+:meth:`scoring_token` returned once both the instruction and the last vision site have been seen
+(the engine inserts it at the first LLM layer, after both). ``ott+rt`` (no CLIP text encoder) scores each text token by
 the cosine of its LLM input embedding to the projected visual [CLS]. ``pcls=clip`` maps the mean
 projected CLIP text embedding back to the tower width by the pseudo-inverse of
 ``visual_projection`` and through the LLaVA projector. Towers without [CLS] (SigLIP, Qwen2-VL) or
@@ -40,7 +40,7 @@ PSEUDO_CLS = ("llm", "clip", "hybrid", "visual")
 LLAVA_THRESHOLD = 128 / 576
 LLAVA_LLM_DEPTH = 12 / 32
 TAU_CLIP = 0.2          # the paper's threshold for real CLIP
-TAU_TOY_CLIP = 0.2      # calibrated on the toy CLIP: see docs/results/tokens.md
+TAU_TOY_CLIP = 0.07     # calibrated on the toy CLIP (benchmarks/token_results.py --calibrate): see docs/results/tokens.md
 TAU_NO_TEXT_ENCODER = 0.0
 
 
@@ -113,14 +113,18 @@ class IVTP(TokenMethod):
         query_row = scorers.grouped_rollout_row(ctx.attention, layers, query, self.rollout)
         score = scorers.significance(query_row, ctx.values(layers[-1]), ctx.visual)
         keep = scorers.top_indices(score, min(count, ctx.visual.shape[1]))
-        if vision and ctx.site == self._vit_sites[-1] and self._pending is not None:
-            self._fill_pseudo_cls(ctx, keep)
+        if vision and ctx.site == self._vit_sites[-1] and self._llm_sites:
+            kept = scorers.gather_tokens(ctx.hidden, ctx.visual.gather(1, keep))
+            self._meet(sequence=torch.cat([ctx.hidden[:, ctx.cls : ctx.cls + 1], kept], dim=1))
         return Reduction(keep=keep)
 
     # -- the pseudo-[CLS] ------------------------------------------------------------------------
     def scoring_token(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
-        """A (B, D) tensor the engine inserts after the visual tokens; filled at the last vision site."""
-        self._pending = None
+        """A (B, D) tensor the engine inserts after the visual tokens.
+
+        It needs the instruction (known here) and the tower's [CLS] and kept tokens (known at the
+        last vision site). A plain forward asks for it before the vision tower runs, ``generate``
+        after encoding the image; whichever of the two comes second fills it in."""
         if not self._llm_sites:
             return None
         from ...models import get_adapter
@@ -138,28 +142,34 @@ class IVTP(TokenMethod):
             for b, (_, embeds) in enumerate(instructions):
                 slot[b] = embeds.mean(0)
             return slot
-        self._pending = {"slot": slot, "instructions": instructions, "model": model, "adapter": adapter}
+        self._meet(text={"slot": slot, "instructions": instructions, "model": model, "adapter": adapter})
         return slot
 
-    def _fill_pseudo_cls(self, ctx: SiteContext, keep: torch.Tensor) -> None:
-        """Eqs. 6-8 for every sample, written into the pending scoring-token tensor."""
-        pending, self._pending = self._pending, None
-        adapter = pending["adapter"]
-        cls_state = ctx.hidden[:, ctx.cls]
-        visual_cls = adapter.projector(cls_state)                                   # (B, D) LLM space
+    def _meet(self, text: dict | None = None, sequence: torch.Tensor | None = None) -> None:
+        """Keep whichever half of one forward's pseudo-[CLS] inputs comes first; fill on the second."""
+        self._pending = {**(self._pending or {}), **({"text": text} if text else {}),
+                         **({"sequence": sequence} if sequence is not None else {})}
+        if "text" in self._pending and "sequence" in self._pending:
+            pending, self._pending = self._pending, None
+            self._fill_pseudo_cls(pending["sequence"], **pending["text"])
+
+    def _fill_pseudo_cls(self, sequence: torch.Tensor, slot: torch.Tensor, instructions: list, model: Any,
+                         adapter: Any) -> None:
+        """Eqs. 6-8 for every sample, written into ``slot``. ``sequence``: (B, 1 + k, D_vision) the
+        [CLS] and kept tokens at the output of the layer the LLM reads."""
+        visual_cls = adapter.projector(sequence[:, 0])                              # (B, D) LLM space
         image_embed = None
-        if self.instruction == "ott+te+rt" or self.pcls == "clip":
-            kept = scorers.gather_tokens(ctx.hidden, ctx.visual.gather(1, keep))
-            image_embed = self._image_embedding(pending["model"], torch.cat([cls_state[:, None], kept], 1))
-        for b, (text_ids, embeds) in enumerate(pending["instructions"]):
+        if self.instruction == "ott+te+rt":
+            image_embed = self._image_embedding(model, sequence)
+        for b, (text_ids, embeds) in enumerate(instructions):
             if self.instruction == "ott":
                 passing = torch.ones(len(text_ids), dtype=torch.bool, device=embeds.device)
             elif self.instruction == "ott+rt":
                 relevance = F.cosine_similarity(embeds.float(), visual_cls[b].float()[None], dim=-1)
-                passing = relevance >= self._tau(pending["model"])
+                passing = relevance >= self._tau(model)
             else:
-                relevance, token_embeds, clip_passing = self._text_relevance(pending["model"], text_ids, image_embed[b])
-                passing = relevance >= self._tau(pending["model"])
+                relevance, token_embeds, clip_passing = self._text_relevance(model, text_ids, image_embed[b])
+                passing = relevance >= self._tau(model)
             text = _masked_mean(embeds, passing)
             if self.pcls == "clip":
                 text = self._clip_to_llm(adapter, _masked_mean(token_embeds, clip_passing))
@@ -167,7 +177,7 @@ class IVTP(TokenMethod):
                 text = 0.5 * (text + visual_cls[b])
             # value-free branching (no reads into Python), so a shape-only meta forward runs it too
             value = visual_cls[b] if self.pcls == "visual" else torch.where(passing.any(), text, visual_cls[b])
-            pending["slot"][b] = value.to(pending["slot"].dtype)
+            slot[b] = value.to(slot.dtype)
 
     def _tau(self, model: Any) -> float:
         if self.tau is not None:
