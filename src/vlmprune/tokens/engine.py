@@ -443,20 +443,19 @@ class _Engine:
         return self.adapter.llm_rotary(seq.hidden, positions)
 
     def _compact_decode_rotary(self, index: int, hidden: torch.Tensor, kwargs: dict):
+        """Decode positions moved down by the prompt tokens this layer no longer holds."""
         st = self.state
-        positions = kwargs.get("position_ids")
-        step = hidden.shape[1]
-        start = st.prompt_length + st.decoded - step
-        if positions is None or positions.dim() < 2:
-            positions = torch.arange(start, start + step, device=hidden.device).expand(hidden.shape[0], -1)
+        batch, step = hidden.shape[:2]
         shift = st.layer_shift[index]
-        if st.prompt_positions.dim() == 3:
-            # decode positions come in through the LLM's own kwargs: rebuild them from the prompt's end
+        new = torch.arange(st.decoded - step, st.decoded, device=hidden.device)
+        if st.prompt_positions.dim() == 3:  # mRoPE: text after the prompt advances all three axes together
             last = st.prompt_positions[..., -1:].amax(0)
-            positions = (last + 1 + torch.arange(st.decoded - step, st.decoded, device=hidden.device))[None]
-            positions = positions.expand(3, -1, -1) - shift[None, :, None]
+            positions = (last + 1 + new - shift[:, None])[None].expand(3, -1, -1)
         else:
-            positions = positions.expand(hidden.shape[0], -1) - shift[:, None]
+            positions = kwargs.get("position_ids")
+            if positions is None:
+                positions = st.prompt_length + new[None]
+            positions = positions.expand(batch, -1) - shift[:, None]
         return self.adapter.llm_rotary(hidden, positions)
 
     # -- sequence surgery --------------------------------------------------------------------
