@@ -230,3 +230,13 @@ def test_bad_input_is_one_line_error(make_call, text, calibration):
         make_call(model, calibration)
     assert text in str(info.value) and "\n" not in str(info.value)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+def test_engine_runs_on_every_family(family):
+    model, make = build_tiny(family, seed=0)
+    sample = make(text_lens=(8,), seed=1)
+    report = prune(model, vp.weights.from_spec("atv:saliency=attention,pattern=2:4"), calibration=[sample])
+    assert report.sparsity == pytest.approx(0.5)
+    with torch.no_grad():
+        assert torch.isfinite(model(**sample).logits).all()
