@@ -234,6 +234,42 @@ def test_vision_site_generate_matches_no_cache_loop(tiny):
     assert torch.equal(generated[:, -STEPS:], reference)
 
 
+class KeepEveryOtherAsPairs(KeepEveryOther):
+    """Keeps tokens 0, 2, 4, ... and declares each to stand for two (as a merge would)."""
+
+    def reduce(self, ctx):
+        reduction = super().reduce(ctx)
+        previous = ctx.sizes if ctx.sizes is not None else torch.ones(ctx.visual.shape)
+        return Reduction(keep=reduction.keep, sizes=2 * previous.gather(1, reduction.keep))
+
+
+def test_token_sizes_give_proportional_attention(tiny):
+    model, make_inputs = tiny("llava")
+    adapter = get_adapter(model)
+    inputs = make_inputs(text_lens=(3,))
+    seen = {}
+    method = KeepEveryOtherAsPairs([Site("vision", 1), Site("vision", 2), Site("llm", 1)])
+    with vp.tokens.apply(model, method):
+        hooks = [adapter.vision_layers[2].register_forward_pre_hook(lambda m, a: seen.__setitem__("vision", a[1])),
+                 adapter.llm_layers[2].register_forward_pre_hook(
+                     lambda m, a, kw: seen.__setitem__("llm", kw["attention_mask"]), with_kwargs=True)]
+        try:
+            logits(model, inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    log2 = torch.log(torch.tensor(2.0))
+    assert torch.allclose(seen["vision"][0, 0, 0], torch.cat([torch.zeros(1), torch.full((4,), 2 * log2)]))
+    assert torch.allclose(method.contexts[1].attention(1).sum(-1), torch.ones(1, 9))
+    last_row = seen["llm"][0, 0, -1]                        # encoder sizes stay in the encoder; LLM sizes count
+    visual = method.contexts[2].visual[0]
+    kept_visual = visual[torch.arange(0, visual.shape[0], 2)]
+    start = int(kept_visual[0])
+    columns = torch.arange(start, start + kept_visual.shape[0])
+    assert torch.allclose(last_row[columns], torch.full(columns.shape, float(log2)))
+    assert last_row[: start].abs().max() == 0
+
+
 def test_scoring_only_token_scores_but_changes_nothing(tiny, family):
     model, make_inputs = tiny(family)
     inputs = make_inputs(text_lens=(2, 5))

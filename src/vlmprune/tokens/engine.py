@@ -43,6 +43,12 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, expanded)
 
 
+def _size_bias(sizes: torch.Tensor, dtype: torch.dtype, cls: bool = False) -> torch.Tensor:
+    """log(size) per token (ToMe's proportional attention); a leading 0 for [CLS] when ``cls``."""
+    bias = sizes.to(dtype).log()
+    return torch.cat([bias.new_zeros(bias.shape[0], 1), bias], dim=1) if cls else bias
+
+
 @dataclass
 class _Sequence:
     """The LLM sequence as the current layer sees it. ``src``: index into the full prompt whose rotary
@@ -86,7 +92,7 @@ class _ForwardState:
     full_sin: torch.Tensor | None = None
     prompt_positions: torch.Tensor | None = None     # (B, L) or (3, B, L) position ids of the prompt
     dropped_before: torch.Tensor | None = None       # (B, L) prompt tokens dropped before each one
-    layer_keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    layer_keys: dict[int, tuple] = field(default_factory=dict)    # (valid, size bias) of each layer's keys
     layer_shift: dict[int, torch.Tensor] = field(default_factory=dict)
     built: tuple = ()                                # (mask, cos, sin) of the current sequence
     method_state: dict[str, Any] = field(default_factory=dict)
@@ -192,6 +198,8 @@ class _Engine:
                 else:
                     hook = a.vision_layers[index - 1].register_forward_hook(self._vision_site_hook(index), prepend=True)
                     self._hooks.append(hook)
+            for index in range(min(self.vision_sites, default=len(a.vision_layers)), len(a.vision_layers)):
+                self._hooks.append(a.vision_layers[index].register_forward_pre_hook(self._vision_sizes_hook))
         original = a.core.get_image_features
 
         @functools.wraps(original)  # generate() reads the signature to pre-encode images
@@ -293,6 +301,13 @@ class _Engine:
             self.state.vision = stage
         return outputs
 
+    def _vision_sizes_hook(self, module, args):
+        """Proportional attention after merges: a token of size s counts s times as a key."""
+        sizes = self.vision_stage.sizes if self._encoding else None
+        if sizes is None:
+            return None
+        return (args[0], _size_bias(sizes, args[0].dtype, cls=True)[:, None, None, :], *args[2:])
+
     def _vision_record_hook(self, index: int):
         def hook(module, args):
             if self._encoding:
@@ -373,9 +388,8 @@ class _Engine:
         original = torch.arange(stage.n_visual, device=device).expand(batch, -1)
         st.dropped_before = torch.zeros(batch, length, dtype=torch.long, device=device)
         seq = _Sequence(hidden, index, 2 * index, valid, is_visual, visual, original)
-        if stage.pruned:
-            sizes = None if stage.sizes is None else stage.sizes.repeat_interleave(copies, 0)
-            seq = self._keep_visual(seq, stage.original.to(device).repeat_interleave(copies, 0), None, sizes)
+        if stage.pruned:  # encoder token sizes stay in the encoder: the LLM attends to merged tokens plainly
+            seq = self._keep_visual(seq, stage.original.to(device).repeat_interleave(copies, 0), None, None)
         if st.scoring_embedding is not None:
             seq = self._insert_scoring(seq, st.scoring_embedding)
         return seq
@@ -391,13 +405,14 @@ class _Engine:
         if seq.scoring is not None and index >= self.last_llm_site:
             seq = self._drop_scoring(seq)
         if seq is not st.seq or index == 0:  # layers between sites share one mask and one cos/sin
-            st.built = (self._mask(seq.order, seq.order, seq.valid, seq.hidden.dtype), *self._rotary(seq))
+            st.built = (self._mask(seq.order, seq.order, seq.valid, seq.hidden.dtype, self._key_bias(seq)),
+                        *self._rotary(seq))
         st.seq = seq
         mask, cos, sin = st.built
         st.layer_shift[index] = st.dropped_before.gather(1, seq.src[:, -1:]).squeeze(1)
         if index in self.record_llm:
             self.records[("llm", index)] = (seq.hidden, cos, sin, mask)
-        st.layer_keys[index] = seq.valid
+        st.layer_keys[index] = (seq.valid, self._key_bias(seq))
         return seq.hidden, mask, cos, sin
 
     def _decode_layer(self, index: int, hidden: torch.Tensor, kwargs: dict):
@@ -406,7 +421,7 @@ class _Engine:
         if cache is None:
             raise VlmpruneError("decode steps after a pruned prefill need the KV cache (use_cache=True)")
         step = hidden.shape[1]
-        prefix = st.layer_keys[index]
+        prefix, prefix_bias = st.layer_keys[index]
         past = cache.get_seq_length(index)
         generated = past - prefix.shape[1] + step
         device = hidden.device
@@ -414,20 +429,30 @@ class _Engine:
         key_order = torch.cat([torch.zeros_like(prefix, dtype=torch.long),
                                torch.arange(1, generated + 1, device=device).expand(prefix.shape[0], -1)], dim=1)
         query_order = torch.arange(generated - step + 1, generated + 1, device=device).expand(prefix.shape[0], -1)
-        mask = self._mask(query_order, key_order, keys, hidden.dtype, diagonal=False)
+        bias = None if prefix_bias is None else torch.cat([prefix_bias, prefix_bias.new_zeros(prefix.shape[0], generated)], 1)
+        mask = self._mask(query_order, key_order, keys, hidden.dtype, bias, diagonal=False)
         cos, sin = kwargs["position_embeddings"]
         if self.positions == "compact":
             cos, sin = self._compact_decode_rotary(index, hidden, kwargs)
         return mask, cos, sin
 
     @staticmethod
-    def _mask(query_order, key_order, key_valid, dtype, diagonal: bool = True) -> torch.Tensor:
-        """(B, 1, Q, K) additive mask: a query sees valid keys of lower or equal order (and itself)."""
+    def _mask(query_order, key_order, key_valid, dtype, key_bias=None, diagonal: bool = True) -> torch.Tensor:
+        """(B, 1, Q, K) additive mask: a query sees valid keys of lower or equal order (and itself);
+        ``key_bias`` (B, K) is added where it sees them."""
         allowed = (key_order[:, None, :] <= query_order[:, :, None]) & key_valid[:, None, :]
         if diagonal:
             allowed = allowed | torch.eye(query_order.shape[1], dtype=torch.bool, device=allowed.device)
-        zero = torch.zeros((), dtype=dtype, device=allowed.device)
-        return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+        seen = torch.zeros((), dtype=dtype, device=allowed.device) if key_bias is None else key_bias[:, None, :]
+        return torch.where(allowed, seen, torch.finfo(dtype).min)[:, None]
+
+    @staticmethod
+    def _key_bias(seq: _Sequence) -> torch.Tensor | None:
+        """(B, N) log-size bias of merged visual tokens, or None when nothing was merged."""
+        if seq.sizes is None:
+            return None
+        zeros = torch.zeros(seq.src.shape, dtype=seq.hidden.dtype, device=seq.hidden.device)
+        return zeros.scatter(1, seq.visual, _size_bias(seq.sizes, seq.hidden.dtype))
 
     # -- positions ---------------------------------------------------------------------------
     def _rotary(self, seq: _Sequence):
@@ -554,7 +579,8 @@ class _Engine:
         def heads(layer: int):
             record = recorded(layer)
             if tower == "vision":
-                return (*self.adapter.vision_qkv(layer, record[0]), None)
+                bias = None if sizes is None else _size_bias(sizes, record[0].dtype, cls=True)[:, None, None, :]
+                return (*self.adapter.vision_qkv(layer, record[0]), bias)
             return (*self.adapter.llm_qkv(layer, record[0], record[1], record[2]), record[3])
 
         def attention(layer: int, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -562,7 +588,7 @@ class _Engine:
             if rows is not None:
                 rows = rows.view(rows.shape[0], -1)
                 q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
-                if mask is not None:
+                if mask is not None and mask.shape[2] > 1:
                     mask = mask.gather(2, rows[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
             scores = (q @ k.transpose(-1, -2)).float() * scale
             if mask is not None:
