@@ -240,3 +240,17 @@ def test_engine_runs_on_every_family(family):
     assert report.sparsity == pytest.approx(0.5)
     with torch.no_grad():
         assert torch.isfinite(model(**sample).logits).all()
+
+
+def test_tamp_similarities_and_greedy_selection():
+    from vlmprune.weights.tamp import amia_select, modality_similarities
+
+    e = torch.eye(3)
+    unit = torch.stack([e[0], e[0], e[1], e[2]])[None]           # tokens 0, 1 visual; 2, 3 text
+    sims = modality_similarities(unit, torch.tensor([True, True, False, False]))[0]
+    assert sims.tolist() == [1.0, 0.0, 0.0]                       # s_vv, s_tt, s_vt
+    score = torch.tensor([0.1, 0.2, 0.6, 0.1])
+    everything = amia_select(unit, score, torch.tensor([1.0]))     # threshold 0: MMD^2 never falls under it
+    assert everything.all()
+    one = amia_select(unit, score, torch.tensor([-99.0]))          # loose threshold: the first pick suffices
+    assert one[0].tolist() == [False, False, True, False]
