@@ -125,7 +125,7 @@ def test_later_layers_see_the_shorter_sequence(tiny, family):
     length, visual = inputs["input_ids"].shape[1], n_visual(inputs)
     seen = {}
     layers = get_adapter(model).llm_layers
-    with vp.tokens.apply(model, vp.tokens.FastV(layer=2, keep=3)):  # hooks added later run after the engine's
+    with vp.tokens.apply(model, "fastv:layer=2,keep=3"):  # hooks added later run after the engine's
         hooks = [layer.register_forward_pre_hook(lambda m, a, kw, i=i: seen.__setitem__(i, a[0].shape[1]),
                                                  with_kwargs=True) for i, layer in enumerate(layers)]
         try:
@@ -372,5 +372,7 @@ def test_bad_input_raises_one_line(tiny):
             logits(model, inputs)
         with pytest.raises(VlmpruneError, match="already applied"):
             vp.tokens.apply(model, vp.tokens.FastV())
+    with pytest.raises(VlmpruneError, match="needs a TokenMethod or a SPEC string, not int"):
+        vp.tokens.apply(model, 3)
     with pytest.raises(VlmpruneError, match="positions='shifted'"):
         vp.tokens.apply(model, vp.tokens.FastV(), positions="shifted")

@@ -116,9 +116,15 @@ class TokenPruningHandle:
         self.remove()
 
 
-def apply(model: nn.Module, method: TokenMethod, positions: Positions = "original") -> TokenPruningHandle:
-    """Install ``method`` on ``model`` (a supported ``*ForConditionalGeneration``); plain forward and
-    ``generate`` then prune. ``positions="compact"`` renumbers the kept tokens' rotary positions."""
+def apply(model: nn.Module, method: TokenMethod | str, positions: Positions = "original") -> TokenPruningHandle:
+    """Install ``method`` (or a SPEC string) on ``model`` (a supported ``*ForConditionalGeneration``);
+    plain forward and ``generate`` then prune. ``positions="compact"`` renumbers the kept tokens'
+    rotary positions."""
+    if isinstance(method, str):
+        from . import from_spec  # the registry imports every method module, which import this one's package
+        method = from_spec(method)
+    if not isinstance(method, TokenMethod):
+        raise VlmpruneError(f"apply() needs a TokenMethod or a SPEC string, not {type(method).__name__}")
     if positions not in ("original", "compact"):
         raise VlmpruneError(f"positions={positions!r}: choose 'original' or 'compact'")
     if getattr(model, "_vlmprune_engine", None) is not None:
@@ -286,15 +292,15 @@ class _Engine:
         finally:
             self._encoding = False
         features = list(outputs.pooler_output)
-        stage.n_images = len(features)
+        counts = self.adapter.image_feature_counts(outputs)
+        stage.n_images = len(counts)
         if stage.pruned:
             scattered = [row.new_zeros(stage.n_visual, row.shape[-1]).index_copy(0, kept, row)
                          for row, kept in zip(features, stage.original)]
             outputs.pooler_output = tuple(scattered) if isinstance(outputs.pooler_output, tuple) else scattered
         else:
-            counts = sorted({int(f.shape[0]) for f in features})
-            if len(counts) != 1:
-                raise VlmpruneError(f"images in this batch give different visual-token counts {counts}: "
+            if len(set(counts)) != 1:
+                raise VlmpruneError(f"images in this batch give different visual-token counts {sorted(set(counts))}: "
                                     "batch images of the same size together")
             stage.n_visual = counts[0]
         if in_forward:
