@@ -23,7 +23,7 @@ from vlmprune import toyworld, weights
 from vlmprune.eval.harness import evaluate
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
-METHODS = ("magnitude", "sparsegpt", "wanda", "tamp", "atv")
+METHODS = ("atv", "wanda", "sparsegpt", "tamp", "magnitude")
 SETTINGS = {"50%": "sparsity=0.5", "60%": "sparsity=0.6", "2:4": "pattern=2:4", "4:8": "pattern=4:8"}
 POOLS = {"mixed (default)": "wanda:sparsity=0.5,pool=mixed", "text-only": "wanda:sparsity=0.5,pool=text",
          "visual-only": "wanda:sparsity=0.5,pool=visual", "ATV-Pruning": "atv:sparsity=0.5"}

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     parser.add_argument("--targets", nargs="*", default=None, help="regexes of Linear names to prune (default: the LLM's)")
     parser.add_argument("--ignore", nargs="*", default=None, help="regexes of Linear names to leave dense")
     parser.add_argument("--device", default=None, help="compute device for one block at a time (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for anything random (calibration, ablations)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
     parser.add_argument("--out", required=True, help="output directory")
     parser.set_defaults(func=run)
 
@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         raise VlmpruneError(f"--nsamples must be at least 1 for {method.name}: it needs calibration samples")
     torch.manual_seed(args.seed)
     model, processor = load_model(args.model)
-    calibration = toyworld.calibration(processor, n=args.nsamples) if method.needs_calibration else None
+    calibration = (toyworld.calibration(processor, n=args.nsamples, seed=args.seed)
+                   if method.needs_calibration else None)
     report = prune(model, method, calibration=calibration, targets=args.targets, ignore=args.ignore,
                    device=args.device)
     record = {**report.method, "targets": args.targets or "every Linear of the LLM decoder layers",
