@@ -17,7 +17,8 @@ from vlmprune.toyworld import configs
 from vlmprune.toyworld.processor import build_processor
 from vlmprune.toyworld.tokenizers import build_clip_tokenizer, build_llm_tokenizer, corpus
 from vlmprune.toyworld.train import (ClipTrainer, SequenceBuilder, StageSettings, _clip_batch, _lvlm_batch,
-                                     accuracy_by_task, lvlm_loss, new_lvlm, pixel_values, train, vision_features)
+                                     accuracy_by_task, grounding_words, lvlm_losses, new_lvlm, pixel_values, train,
+                                     vision_features)
 
 MICRO = {"toy-clip": "micro", "toy-large": "micro", "toy-small": "micro"}
 
@@ -49,9 +50,11 @@ def test_micro_clip_and_lvlm_losses_decrease(tokenizers):
     assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
     pixels, batch = _lvlm_batch(random.Random(0), SequenceBuilder(processor), "instruct", 4, 3)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    words = grounding_words(llm_tokenizer)
     losses = []
     for _ in range(12):
-        loss = lvlm_loss(model, vision_features(model, pixels), batch)
+        parts = lvlm_losses(model, vision_features(model, pixels), batch, words)
+        loss = parts["text"] + parts["grounding"]
         losses.append(loss.item())
         optimizer.zero_grad()
         loss.backward()
@@ -59,8 +62,9 @@ def test_micro_clip_and_lvlm_losses_decrease(tokenizers):
     assert losses[-1] < 0.8 * losses[0]
     # The training loss path equals the model's own forward from pixel values.
     with torch.no_grad():
-        direct = model(pixel_values=pixels, **batch).loss
-        manual = lvlm_loss(model, vision_features(model, pixels), batch)
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
+        direct = model(pixel_values=pixels, **inputs).loss
+        manual = lvlm_losses(model, vision_features(model, pixels), batch)["text"]
     assert torch.allclose(direct, manual, atol=1e-5)
 
 
@@ -137,3 +141,11 @@ def test_shipped_checkpoints_are_small_float16_and_load():
     weight = clip.vision_model.embeddings.patch_embedding.weight
     assert torch.equal(large.model.vision_tower.embeddings.patch_embedding.weight, weight)
     assert torch.equal(small.model.vision_tower.embeddings.patch_embedding.weight, weight)
+
+
+def test_shipped_clip_text_relevance_prefers_object_words():
+    from vlmprune.toyworld.quality import relevance_figure
+
+    clip, tokenizer = load_clip()
+    items = test_split("attribute", 30) + test_split("existence", 30)
+    assert relevance_figure(clip, tokenizer, items) >= 0.8
