@@ -102,65 +102,98 @@ def calibrate_tau(limit: int) -> dict:
     return {"tau": tau, "balanced_accuracy": accuracy, "by_kind": summary, "items_per_task": limit}
 
 
-def run(args) -> dict:
+def jobs(n_visual: int, feature_layer: int) -> list[tuple[str, str, str]]:
+    """(section, label, spec) in the order they run: the comparison at 11% first (the claim to
+    check), then the other budgets, then the ablations; a run cut short still reports the first."""
+    order = (ABLATION_KEEP, 0.25, 0.03, 0.5)
+    first = ("ivtp", "topk", "random", "tome", "fastv")
+    queue = []
+    for budget in order:
+        specs = method_specs(max(1, round(budget * n_visual)), feature_layer)
+        names = sorted(specs, key=lambda name: first.index(name) if name in first else len(first))
+        queue += [("main", f"{name}@{budget}", specs[name]) for name in names]
+    for title, table in ablation_specs(round(ABLATION_KEEP * n_visual)).items():
+        queue += [(title, label, spec) for label, spec in table.items()]
+    return queue
+
+
+def run(args, on_result) -> dict:
+    from vlmprune.measure.flops import count_flops
+    from vlmprune.models.presets import Preset, default_image_size
+    from vlmprune.tokens import from_spec
+
     path = OUT / "tokens.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     if results.get("setup", {}).get("model") != args.model or results["setup"].get("limit_per_task") != args.limit:
         results = {}                      # a different model or item count: start afresh
     results.setdefault("runs", {})
     model, processor = toyworld.load(args.model)
-    torch.manual_seed(0)
     adapter = get_adapter(model)
-    n_visual = adapter.patch_grid({})[0] * adapter.patch_grid({})[1]
+    rows, cols = adapter.patch_grid({})
+    preset = Preset(args.model, model.config, default_image_size(model.config))
+    question = toyworld.test_split(toyworld.TASKS[0], 1)[0].question
+    prompt = processor.tokenizer(toyworld.build_prompt(processor, question))["input_ids"]
+    text_tokens = len(prompt) - prompt.count(model.config.image_token_id) + 1   # the prompt's text, one image
+    results["setup"] = {"model": args.model, "limit_per_task": args.limit, "n_visual": rows * cols,
+                        "text_tokens": text_tokens, "max_new_tokens": args.max_new_tokens,
+                        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                                   f"torch {torch.__version__}",
+                        "command": " ".join(["python", "benchmarks/token_results.py", *sys.argv[1:]])}
 
     def save() -> None:
         OUT.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1))
+        on_result(results)
 
-    def measure(spec: str | None) -> dict:
+    def measure(spec: str | None) -> None:
         key = spec or "dense"
-        if key not in results["runs"]:
-            began = time.time()
-            result = evaluate(model, processor, tokens=spec, limit=args.limit, progress=False)
-            result["seconds"] = time.time() - began
-            results["runs"][key] = result
-            save()
-            print(f"{key:60s} avg {result['average']:.3f} retention {result['retention'] or 100:.1f} "
-                  f"flops {result['flops']['total'] / 1e9:.3f} G ({result['seconds']:.0f} s)", flush=True)
-        return results["runs"][key]
+        if key in results["runs"]:
+            return
+        began = time.time()
+        result = evaluate(model, processor, tokens=spec, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                          measure=False, progress=False)
+        result["flops"] = count_flops(preset, text_tokens, from_spec(spec) if spec else None).flops.as_dict()
+        result["seconds"] = time.time() - began
+        results["runs"][key] = result
+        save()
+        print(f"{key:60s} avg {result['average']:.3f} retention {result['retention'] or 100:.1f} "
+              f"GFLOPs {result['flops']['total'] / 1e9:.3f} ({result['seconds']:.0f} s)", flush=True)
 
-    results["setup"] = {"model": args.model, "limit_per_task": args.limit, "n_visual": n_visual,
-                        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                                   f"torch {torch.__version__}",
-                        "command": " ".join([Path(sys.executable).name, *sys.argv])}
     if args.part in ("all", "calibrate") and "calibration" not in results:
         results["calibration"] = calibrate_tau(args.calibration_items)
+        results["calibration"]["text_encoder_flops"] = text_encoder_flops(question)
         save()
     measure(None)
-    if args.part in ("all", "main"):
-        results["main"] = {}
-        for budget in BUDGETS:
-            keep = max(1, round(budget * n_visual))
-            for name, spec in method_specs(keep, adapter.vision_feature_layer).items():
-                measure(spec)
-                results["main"].setdefault(name, {})[str(budget)] = spec
-        save()
-    if args.part in ("all", "ablations"):
-        keep = round(ABLATION_KEEP * n_visual)
-        results["ablations"] = ablation_specs(keep)
-        for table in results["ablations"].values():
-            for spec in table.values():
-                measure(spec)
-        save()
+    results.setdefault("tables", {})
+    for section, label, spec in jobs(rows * cols, adapter.vision_feature_layer):
+        if args.part in ("all", "main" if section == "main" else "ablations"):
+            results["tables"].setdefault(section, {})[label] = spec
+            measure(spec)
     return results
+
+
+def text_encoder_flops(question: str) -> float:
+    """FLOPs of the toy CLIP text encoder and projection on one real question (what IVTP's relevance
+    costs per sample; the meta-copy count runs on placeholder text)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    clip, tokenizer = toyworld.load_clip()
+    ids = tokenizer(question.lower() + " assistant:", return_tensors="pt")["input_ids"]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        clip.text_projection(clip.text_model(input_ids=ids).last_hidden_state)
+    return float(counter.get_total_flops())
 
 
 # ---------------------------------------------------------------- report
 
-def _row(result: dict) -> str:
-    flops = result["flops"]
-    return (f"{100 * result['average']:.1f} | {result['retention'] or 100.0:.1f} | {flops['total'] / 1e9:.3f} | "
-            f"{result['prefill_ms']:.1f}")
+def _main_grid(results: dict) -> dict[str, dict[float, dict]]:
+    """{method: {budget: run}} for the runs of the main comparison that finished."""
+    grid: dict[str, dict[float, dict]] = {}
+    for label, spec in results.get("tables", {}).get("main", {}).items():
+        name, budget = label.split("@")
+        if spec in results["runs"]:
+            grid.setdefault(name, {})[float(budget)] = results["runs"][spec]
+    return grid
 
 
 def plot(results: dict, path: Path) -> None:
@@ -168,17 +201,14 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = results["runs"]
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for name, by_budget in results.get("main", {}).items():
-        points = sorted((runs[spec]["flops"]["total"] / 1e9, runs[spec]["retention"] or 0.0)
-                        for spec in by_budget.values() if spec in runs)
-        style = dict(linewidth=2.5, color="tab:blue") if name == "ivtp" else dict(linewidth=1, alpha=0.8)
+    for name, by_budget in _main_grid(results).items():
+        points = sorted((run["flops"]["total"] / 1e9, run["retention"] or 0.0) for run in by_budget.values())
+        style = dict(linewidth=2.5, color="tab:blue", zorder=5) if name == "ivtp" else dict(linewidth=1, alpha=0.8)
         ax.plot(*zip(*points), marker="o", label=name, **style)
-    dense = runs["dense"]["flops"]["total"] / 1e9
-    ax.axvline(dense, color="grey", linestyle=":", label="dense FLOPs")
+    ax.axvline(results["runs"]["dense"]["flops"]["total"] / 1e9, color="grey", linestyle=":", label="dense")
     ax.axhline(100, color="grey", linestyle="--", linewidth=0.8)
-    ax.set_xlabel("counted GFLOPs per prefill (toy-large)")
+    ax.set_xlabel(f"counted GFLOPs per prefill ({results['setup']['model']})")
     ax.set_ylabel("retention of dense accuracy (%)")
     ax.set_title("Retention vs FLOPs at 50 / 25 / 11 / 3% of the visual tokens")
     ax.legend(ncol=2, fontsize=8)
@@ -187,70 +217,82 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _flops(run: dict) -> str:
+    return f"{run['flops']['total'] / 1e9:.3f}"
+
+
 def report(results: dict) -> str:
     runs, setup = results["runs"], results["setup"]
     dense = runs["dense"]
     lines = ["# Visual-token pruning on the toy world", "",
-             f"Model `{setup['model']}` ({setup['n_visual']} visual tokens), {setup['limit_per_task']} test items "
-             f"per task, greedy answers; retention = mean over tasks of pruned / dense accuracy. FLOPs are "
-             f"counted on a meta copy for one prefill (METHODS.md section 4); `extra` is the scoring cost.",
-             f"Machine: {setup['machine']}. Command: `{setup['command']}`.", "",
-             f"Dense: average accuracy {100 * dense['average']:.1f}%, "
-             f"{dense['flops']['total'] / 1e9:.3f} GFLOPs, prefill {dense['prefill_ms']:.1f} ms.", ""]
+             f"Model `{setup['model']}` ({setup['n_visual']} visual tokens, prompts of about {setup['text_tokens']} "
+             f"text tokens), the first {setup['limit_per_task']} test items of each task, greedy answers of at most "
+             f"{setup['max_new_tokens']} tokens. Retention = mean over tasks of pruned / dense accuracy on the same "
+             "items. FLOPs are counted for one prefill on a meta copy of the model (METHODS.md section 4); "
+             "`extra` is what scoring costs (attention reads, rollout, similarity, the CLIP text encoder).",
+             f"Machine: {setup['machine']}. Command: `{setup['command']}` (results in `tokens.json`).", "",
+             f"Dense: average accuracy {100 * dense['average']:.1f}%, {_flops(dense)} GFLOPs "
+             f"(vision {dense['flops']['vision'] / 1e9:.3f}, LLM {dense['flops']['llm'] / 1e9:.3f}).", ""]
     if "calibration" in results:
         cal = results["calibration"]
         lines += ["## Toy CLIP relevance threshold", "",
-                  f"Relevance (Eq. 6) of CLIP tokens in {cal['items_per_task']} questions per task: words naming "
-                  f"a colour, shape, size or digit have mean {cal['by_kind']['concept']['mean']:.3f} "
-                  f"(median {cal['by_kind']['concept']['median']:.3f}), all other words "
-                  f"{cal['by_kind']['other']['mean']:.3f} (median {cal['by_kind']['other']['median']:.3f}). "
-                  f"The best balanced accuracy ({100 * cal['balanced_accuracy']:.1f}%) is at tau = {cal['tau']:.2f}; "
-                  "IVTP's toy default is this value (0.2 stays the default for real CLIP).", ""]
-    if results.get("main"):
+                  f"Relevance (Eq. 6) of the toy CLIP's text tokens in {cal['items_per_task']} questions per task: "
+                  f"words naming a colour, shape, size or digit have mean {cal['by_kind']['concept']['mean']:.3f} "
+                  f"(median {cal['by_kind']['concept']['median']:.3f}, n={cal['by_kind']['concept']['n']}), all other "
+                  f"words {cal['by_kind']['other']['mean']:.3f} (median {cal['by_kind']['other']['median']:.3f}, "
+                  f"n={cal['by_kind']['other']['n']}). The best balanced accuracy of `c >= tau` "
+                  f"({100 * cal['balanced_accuracy']:.1f}%) is at tau = {cal['tau']:.2f}: IVTP's default for the toy "
+                  "CLIP (0.2 stays the default for real CLIP). The text encoder costs "
+                  f"{cal['text_encoder_flops'] / 1e6:.1f} MFLOPs on a real question; the FLOPs counts below run it on "
+                  "the placeholder prompt of the meta copy, whose text is only special tokens (so ~0 there).", ""]
+    grid = _main_grid(results)
+    if grid:
         lines += ["## Retention against FLOPs", "", "![tradeoff](tokens_tradeoff.png)", "",
-                  "| method | " + " | ".join(f"{int(100 * b)}%: retention / GFLOPs" for b in BUDGETS) + " |",
-                  "|---|" + "---|" * len(BUDGETS)]
-        for name, by_budget in results["main"].items():
-            cells = []
-            for budget in BUDGETS:
-                run = runs.get(by_budget.get(str(budget), ""))
-                cells.append("-" if run is None else f"{run['retention'] or 0:.1f} / {run['flops']['total'] / 1e9:.3f}")
+                  "Retention % / counted GFLOPs at each share of the visual tokens (- = not run).", "",
+                  "| method | " + " | ".join(f"{int(100 * b)}%" for b in BUDGETS) + " |", "|---|" + "---|" * len(BUDGETS)]
+        for name, by_budget in grid.items():
+            cells = [f"{by_budget[b]['retention'] or 0:.1f} / {_flops(by_budget[b])}" if b in by_budget else "-"
+                     for b in BUDGETS]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += [""]
-    if results.get("ablations"):
-        lines += [f"## IVTP ablations (keep {int(100 * ABLATION_KEEP)}%)", ""]
-        for title, table in results["ablations"].items():
-            lines += [f"### {title}", "", "| setting | accuracy % | retention % | GFLOPs | prefill ms |", "|---|---|---|---|---|"]
-            lines += [f"| {label} | {_row(runs[spec])} |" for label, spec in table.items() if spec in runs]
-            lines += [""]
-    lines += ["## FLOPs by part (keep 11%)", "", "| run | vision | projector | llm | extra | total |", "|---|---|---|---|---|---|"]
-    picks = {"dense": "dense"}
-    for name in ("ivtp", "topk", "tome", "fastv", "random"):
-        spec = results.get("main", {}).get(name, {}).get(str(ABLATION_KEEP))
-        if spec:
-            picks[name] = spec
-    ivtp_v = results.get("ablations", {}).get("instruction components", {}).get("vision only (IVTP-V)")
-    if ivtp_v:
-        picks["ivtp-v"] = ivtp_v
-    for label, spec in picks.items():
-        if spec in runs:
-            f = runs[spec]["flops"]
-            lines.append(f"| {label} | " + " | ".join(f"{f[p] / 1e9:.4f}" for p in
-                                                    ("vision", "projector", "llm", "extra", "total")) + " |")
+    for title, table in results.get("tables", {}).items():
+        done = {label: runs[spec] for label, spec in table.items() if spec in runs}
+        if title == "main" or not done:
+            continue
+        lines += [f"## IVTP ablation: {title} (keep {int(100 * ABLATION_KEEP)}%)", "",
+                  "| setting | accuracy % | retention % | GFLOPs |", "|---|---|---|---|"]
+        lines += [f"| {label} | {100 * run['average']:.1f} | {run['retention'] or 0:.1f} | {_flops(run)} |"
+                  for label, run in done.items()]
+        lines += [""]
+    picks = {"dense": dense, **{f"{name} {int(100 * ABLATION_KEEP)}%": grid[name][ABLATION_KEEP]
+                                for name in ("ivtp", "topk", "tome", "fastv", "random")
+                                if ABLATION_KEEP in grid.get(name, {})}}
+    lines += ["## FLOPs by part (GFLOPs)", "", "| run | vision | projector | llm | extra | total |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {label} | " + " | ".join(f"{run['flops'][p] / 1e9:.4f}" for p in
+                                         ("vision", "projector", "llm", "extra", "total")) + " |"
+              for label, run in picks.items()]
     return "\n".join(lines) + "\n"
+
+
+def write(results: dict) -> None:
+    if "dense" not in results["runs"]:
+        return
+    if _main_grid(results):
+        plot(results, OUT / "tokens_tradeoff.png")
+    (OUT / "tokens.md").write_text(report(results))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="toy-large")
     parser.add_argument("--limit", type=int, default=100, help="test items per task")
+    parser.add_argument("--max-new-tokens", type=int, default=3, help="toy answers are a word and </s>")
     parser.add_argument("--calibration-items", type=int, default=40, help="questions per task for tau")
     parser.add_argument("--part", choices=("all", "main", "ablations", "calibrate"), default="all")
     args = parser.parse_args(argv)
-    results = run(args)
-    if results.get("main"):
-        plot(results, OUT / "tokens_tradeoff.png")
-    (OUT / "tokens.md").write_text(report(results))
+    torch.manual_seed(0)
+    run(args, on_result=write)
     print(f"wrote {OUT / 'tokens.md'}")
     return 0
 

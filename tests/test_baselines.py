@@ -183,15 +183,15 @@ def test_counted_flops_on_a_meta_copy_drop_below_dense(tiny):
     model, _ = tiny("llava")
     preset = Preset("tiny-llava", model.config, default_image_size(model.config))
     dense = count_flops(preset, 6).flops
-    for spec in SMOKE:
+    for spec in ("tome:keep=4", "downsample:keep=4", "pyramiddrop"):   # merging, image, LLM-side
         flops = count_flops(preset, 6, from_spec(spec)).flops
         assert flops.llm < dense.llm and flops.vision <= dense.vision, spec
 
 
-def test_every_method_generates_on_tiny_llava(tiny):
+def test_methods_generate_on_tiny_llava(tiny):
     model, make_inputs = tiny("llava")
     inputs = make_inputs(text_lens=(5, 3))
-    for spec in SMOKE:
+    for spec in ("downsample:keep=4", "tome:keep=4", "visionzip:keep=5", "pyramiddrop"):
         with apply(model, from_spec(spec)), torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
         assert out.shape == (2, inputs["input_ids"].shape[1] + 2), spec

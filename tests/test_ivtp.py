@@ -80,7 +80,7 @@ def test_budget_follows_the_2n_rule_on_llava15():
     counts, n = [], 576
     for site in sites:
         values = torch.rand(1, n + 1, 4) + 0.1
-        maps = {layer: torch.softmax(torch.randn(n + 1, n + 1), -1) for layer in range(24)}
+        maps = {layer: torch.softmax(torch.randn(n + 1, n + 1), -1) for layer in method.recorded_layers(site, LLAVA15)}
         ctx = _vision_context(site, maps, values, n_visual=576)
         if site.where == "llm":
             ctx.cls, ctx.query = None, torch.tensor([0])

@@ -248,13 +248,14 @@ def _masked_mean(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def llm_token_spans(tokenizer: Any, ids: list[int]) -> tuple[list[tuple[int, int]], str]:
     """Character span of each LLM token in the decoded text, by decoding growing prefixes (works for
-    any tokenizer whose decoding of a prefix is a prefix of the decoding)."""
+    any tokenizer whose decoding of a prefix is a prefix of the decoding). Special tokens (the chat
+    template's BOS/EOS, padding) decode to nothing: empty spans, so never relevant."""
     spans, before = [], 0
     for k in range(len(ids)):
-        length = len(tokenizer.decode(ids[: k + 1]))
+        length = len(tokenizer.decode(ids[: k + 1], skip_special_tokens=True))
         spans.append((before, length))
         before = length
-    return spans, tokenizer.decode(ids)
+    return spans, tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _is_toy(model: Any) -> bool:
