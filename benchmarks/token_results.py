@@ -217,6 +217,38 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+IMPLEMENTATION_NOTES = """## How the methods are implemented
+
+All methods run on the same engine (`vlmprune.tokens.apply`), one file each in
+`src/vlmprune/tokens/methods/`, with the shared math in `src/vlmprune/tokens/scorers.py`.
+
+- **IVTP** (`ivtp`): GTP in the vision tower after every 3 layers up to the layer LLaVA reads (toy: sites
+  after layers 3 and 5), residual rollout with rows renormalised, ATS significance with the group's last
+  value norms; then a pseudo-[CLS] (mean LLM input embedding of the instruction tokens whose aligned CLIP
+  relevance passes tau; fallback: the tower's [CLS] through the projector) inserted after the visual tokens,
+  masked as a key, and GTP on its rollout row in the first 12/32 of the LLM layers in groups of 3 (toy:
+  one step after LLM layer 3). 2n rule with 128/576 of the visual tokens as threshold. `x_cls^V` is the
+  pruned tower's [CLS] run through the remaining CLIP layers, post-norm and projection (no second vision
+  pass). Towers without [CLS] (SigLIP, Qwen2-VL): no vision stage, the LLM stage takes the whole budget and
+  the pseudo-[CLS] is the mean of the instruction (OTT). Not supported: keeping the pseudo-[CLS] as a real
+  token (the engine always masks and drops a scoring token).
+- **Scoring cost**: the engine keeps SDPA, so every attention map a method reads is recomputed from the
+  recorded layer input (q/k/v projections included); IVTP's rollout reads full maps of each group's earlier
+  layers and the query row of the last, which is why its `extra` is larger than in the paper (which reads
+  eager attention maps for free).
+- **TopK / EViT / ToMe / Random**: prune after every vision layer up to the one LLaVA reads, the same number
+  each time. ToMe matches on the previous layer's keys with heads concatenated (the engine exposes keys
+  as H*d; ToMe uses their head mean), merges by size-weighted mean and passes sizes for proportional attention.
+- **FasterVLM / VisionZip**: [CLS] attention of the feature layer, once, before the projector; VisionZip
+  keeps 54/64 dominant and merges the rest into 10/64 contextual tokens by key similarity.
+- **Spatial pooling / image downsampling**: square grids only (`round(sqrt(keep))**2` tokens). Downsampling
+  replaces the patch tokens at the tower input by those of the image resized to that grid (antialiased
+  bilinear, interpolated position embeddings): exactly what the tower computes for a smaller image.
+- **DivPrune** (projector outputs, max-min cosine distance), **FastV** (layer 2), **PyramidDrop** (1/4, 1/2,
+  3/4 depth; with `keep` the per-stage ratio is `(keep/n)^(1/3)`) prune inside or before the LLM.
+"""
+
+
 def _flops(run: dict) -> str:
     return f"{run['flops']['total'] / 1e9:.3f}"
 
@@ -232,7 +264,8 @@ def report(results: dict) -> str:
              "`extra` is what scoring costs (attention reads, rollout, similarity, the CLIP text encoder).",
              f"Machine: {setup['machine']}. Command: `{setup['command']}` (results in `tokens.json`).", "",
              f"Dense: average accuracy {100 * dense['average']:.1f}%, {_flops(dense)} GFLOPs "
-             f"(vision {dense['flops']['vision'] / 1e9:.3f}, LLM {dense['flops']['llm'] / 1e9:.3f}).", ""]
+             f"(vision {dense['flops']['vision'] / 1e9:.3f}, LLM {dense['flops']['llm'] / 1e9:.3f}).", "",
+             IMPLEMENTATION_NOTES]
     if "calibration" in results:
         cal = results["calibration"]
         lines += ["## Toy CLIP relevance threshold", "",
@@ -290,9 +323,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=3, help="toy answers are a word and </s>")
     parser.add_argument("--calibration-items", type=int, default=40, help="questions per task for tau")
     parser.add_argument("--part", choices=("all", "main", "ablations", "calibrate"), default="all")
+    parser.add_argument("--report-only", action="store_true", help="rewrite tokens.md from tokens.json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    run(args, on_result=write)
+    if args.report_only:
+        write(json.loads((OUT / "tokens.json").read_text()))
+    else:
+        run(args, on_result=write)
     print(f"wrote {OUT / 'tokens.md'}")
     return 0
 
