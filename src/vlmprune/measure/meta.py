@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
 from transformers import AutoModelForImageTextToText
 
 from ..models.presets import Preset
@@ -23,9 +22,20 @@ def _is_meta(value) -> bool:
 
 
 def _to_meta(value):
-    if isinstance(value, torch.Tensor) and not _is_meta(value) and value.dim() > 0:
-        return value.to("meta")
+    if isinstance(value, torch.Tensor):
+        return value.to("meta") if value.device.type != "meta" and value.dim() > 0 else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_meta(item) for item in value)
     return value
+
+
+def _touches_meta(values) -> bool:
+    """Whether any argument (or a tensor in a list argument) is on ``meta``; a flat scan, since
+    this runs for every operation and aten arguments nest at most one level."""
+    for value in values:
+        if _is_meta(value) or (isinstance(value, (list, tuple)) and any(_is_meta(item) for item in value)):
+            return True
+    return False
 
 
 class ShapeOnlyMode(TorchDispatchMode):
@@ -37,9 +47,9 @@ class ShapeOnlyMode(TorchDispatchMode):
             device = kwargs.get("device")
             if device is not None and torch.device(device).type == "meta":
                 return func(*args, **{k: v for k, v in kwargs.items() if k != "device"})
-        flat, _ = tree_flatten((args, kwargs))
-        if any(_is_meta(value) for value in flat):
-            args, kwargs = tree_map(_to_meta, (args, kwargs))
+        if _touches_meta(args) or _touches_meta(kwargs.values()):
+            args = tuple(_to_meta(value) for value in args)
+            kwargs = {key: _to_meta(value) for key, value in kwargs.items()}
         return func(*args, **kwargs)
 
 
