@@ -60,7 +60,7 @@ def ablation_specs(keep: int) -> dict[str, dict[str, str]]:
                                    "OTT+RT": f"{base},instruction=ott+rt", "OTT+TE+RT": base},
         "pseudo-[CLS]": {"LLM embeddings": base, "CLIP text embeddings": f"{base},pcls=clip",
                          "hybrid visual+text": f"{base},pcls=hybrid", "visual [CLS] only": f"{base},pcls=visual"},
-        "relevance threshold tau": {str(t): f"{base},tau={t}" for t in (-0.1, 0.0, 0.07, 0.2, 0.3)},
+        "relevance threshold tau": {str(t): f"{base},tau={t}" for t in (-0.1, 0.0, 0.1, 0.2, 0.3)},
         "LLM pruning layers": {str(n): f"{base},llm_layers={n}" for n in (1, 2, 3, 4, 6)},
     }
 
