@@ -92,6 +92,9 @@ def answer_loss(logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Ten
     batch, length = input_ids.shape
     n_text = length - int(is_image[0].sum())
     kept = logits.shape[1] - n_text
+    if not 0 < kept <= length - n_text or bool((labels[is_image] != -100).any()):
+        raise VlmpruneError("answer_loss needs one block of image tokens per sample, none of them labelled, "
+                            f"and logits for the text plus 1..{length - n_text} kept visual tokens")
     start = is_image.int().argmax(dim=1, keepdim=True)                     # (B, 1)
     rank = torch.arange(n_text, device=input_ids.device).expand(batch, -1)
     before = rank < start
