@@ -118,3 +118,18 @@ def test_cli_bad_input_exits_2_with_one_line(argv, capsys):
     assert main(["flops", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("vlmprune: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("name", ["toy-large", "toy-small"])
+def test_toy_presets_read_the_shipped_checkpoints(name):
+    from vlmprune.toyworld import checkpoint_dir
+
+    try:
+        checkpoint_dir(name)
+    except VlmpruneError:
+        with pytest.raises(VlmpruneError, match=name):
+            get_preset(name)
+        return
+    preset = get_preset(name)
+    assert preset.family == "llava"
+    assert count_flops(preset, 16).flops.total == pytest.approx(analytic_flops(preset, 16).total, rel=0.02)
