@@ -17,6 +17,7 @@ use the family's rule: the tower's own image size for LLaVA, twice it for the an
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,7 @@ def get_preset(name_or_dir: str) -> Preset:
     """A preset by name, or the architecture in ``DIR/config.json``; unknown -> VlmpruneError."""
     if name_or_dir in _REAL:
         model_type, kwargs, image_size = _REAL[name_or_dir]
-        config = AutoConfig.for_model(model_type, **_copy(kwargs))
+        config = AutoConfig.for_model(model_type, **copy.deepcopy(kwargs))  # configs never share state
         return Preset(name_or_dir, config, image_size)
     if name_or_dir in _TOY:
         return _from_dir(name_or_dir, _toy_checkpoint(name_or_dir))
@@ -142,15 +143,6 @@ def get_preset(name_or_dir: str) -> Preset:
         return _from_dir(path.name, path)
     raise VlmpruneError(f"unknown model {name_or_dir!r}: give a directory with a config.json or one of: "
                         + ", ".join(preset_names()))
-
-
-def _copy(value):
-    """Deep copy of the nested literal dicts, so that configs never share mutable state."""
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
 
 
 def _toy_checkpoint(name: str) -> Path:
