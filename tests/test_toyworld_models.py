@@ -34,10 +34,10 @@ def test_micro_clip_and_lvlm_losses_decrease(tokenizers):
     clip_tokenizer, llm_tokenizer = tokenizers
     clip = CLIPModel(configs.clip_config("micro", clip_tokenizer))
     trainer = ClipTrainer(clip)
-    batch = _clip_batch(random.Random(0), 8, clip_tokenizer)
+    batch = _clip_batch(random.Random(0), 6, clip_tokenizer)
     optimizer = torch.optim.AdamW(trainer.parameters(), lr=3e-3)
     first = None
-    for _ in range(12):
+    for _ in range(8):
         loss = sum(trainer.losses(*batch, clip_tokenizer).values())
         first = first if first is not None else loss.item()
         optimizer.zero_grad()
@@ -48,11 +48,11 @@ def test_micro_clip_and_lvlm_losses_decrease(tokenizers):
     processor = build_processor(llm_tokenizer)
     model = new_lvlm("micro", processor, clip, seed=0)
     assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
-    pixels, batch = _lvlm_batch(random.Random(0), SequenceBuilder(processor), "instruct", 4, 3)
+    pixels, batch = _lvlm_batch(random.Random(0), SequenceBuilder(processor), "instruct", 2, 3)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     words = grounding_words(llm_tokenizer)
     losses = []
-    for _ in range(12):
+    for _ in range(8):
         parts = lvlm_losses(model, vision_features(model, pixels), batch, words)
         loss = parts["text"] + parts["grounding"]
         losses.append(loss.item())
