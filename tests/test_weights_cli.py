@@ -51,8 +51,15 @@ def test_failed_save_leaves_nothing(tmp_path):
 
 def test_method_spec_merges_flags():
     assert method_spec("atv", 0.6, None) == "atv:sparsity=0.6"
+    assert method_spec("atv", None, "1:4") == "atv:pattern=1:4"
     assert method_spec("atv:alpha=2", 0.5, "2:4") == "atv:alpha=2,sparsity=0.5,pattern=2:4"
     assert vp.weights.from_spec(method_spec("wanda", 0.5, "4:8")).pattern == (4, 8)
+
+
+@pytest.mark.parametrize("sparsity, pattern, expected", [
+    (None, None, 0.5), (0.3, None, 0.3), (None, "1:4", 0.75), (0.5, "2:4", 0.5), (0.5, "4:8", 0.5)])
+def test_default_and_consistent_sparsity_with_pattern(sparsity, pattern, expected):
+    assert vp.weights.from_spec(method_spec("wanda", sparsity, pattern)).sparsity == expected
 
 
 @pytest.mark.parametrize("argv, text", [
@@ -61,6 +68,8 @@ def test_method_spec_merges_flags():
     (["--method", "pruneall"], "unknown weight method"),
     (["--method", "wanda", "--pattern", "2-4"], "bad pattern"),
     (["--method", "wanda", "--nsamples", "0"], "needs calibration samples"),
+    (["--method", "wanda", "--pattern", "2:4", "--sparsity", "0.6"], "sparsity 0.6 conflicts with pattern 2:4"),
+    (["--method", "wanda:sparsity=0.7", "--pattern", "4:8"], "sparsity 0.7 conflicts with pattern 4:8"),
 ])
 def test_cli_bad_input_exits_2(argv, text, tmp_path, capsys):
     out = tmp_path / "out"

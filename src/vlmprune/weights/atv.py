@@ -67,7 +67,7 @@ def budget(saliency: float, alpha: float, n_text: int, n_visual: int) -> int:
 class ATV(WeightMethod):
     name = "atv"
 
-    def __init__(self, sparsity: float = 0.5, pattern=None, alpha: float = 1.0, saliency: str = "drift",
+    def __init__(self, sparsity: float | None = None, pattern=None, alpha: float = 1.0, saliency: str = "drift",
                  select: str | None = None, budget: str | int = "adaptive", seed: int = 0):
         super().__init__(sparsity, pattern)
         if saliency not in SALIENCIES:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .masks import Pattern, apply_mask, check_divides, check_sparsity, parse_pattern, pattern_sparsity, score_mask
+from .masks import Pattern, apply_mask, check_divides, parse_pattern, pattern_sparsity, score_mask
 
 
 class WeightMethod:
@@ -18,9 +18,9 @@ class WeightMethod:
     needs_calibration = True
     needs_dense_sweep = False
 
-    def __init__(self, sparsity: float = 0.5, pattern: str | Pattern | None = None):
+    def __init__(self, sparsity: float | None = None, pattern: str | Pattern | None = None):
         self.pattern = parse_pattern(pattern)
-        self.sparsity = pattern_sparsity(self.pattern, check_sparsity(sparsity))
+        self.sparsity = pattern_sparsity(self.pattern, sparsity)
 
     def settings(self) -> dict[str, Any]:
         """Method-specific settings recorded beside sparsity and pattern."""

@@ -15,7 +15,8 @@ def register(subparsers) -> None:
     parser.add_argument("--model", required=True, help="toy-large, toy-small or a save_pretrained directory")
     parser.add_argument("--method", required=True,
                         help="magnitude, wanda, sparsegpt, tamp or atv, optionally with settings (atv:alpha=2)")
-    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights zeroed, in [0, 1)")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="fraction of weights zeroed, in [0, 1) (default 0.5, or what --pattern fixes)")
     parser.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 or 4:8")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration samples (image + long caption)")
     parser.add_argument("--calib", default="captions", choices=CALIBRATION_SOURCES,
@@ -28,11 +29,12 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def method_spec(method: str, sparsity: float, pattern: str | None) -> str:
-    """Merge ``--sparsity``/``--pattern`` into the method SPEC."""
+def method_spec(method: str, sparsity: float | None, pattern: str | None) -> str:
+    """Merge ``--sparsity``/``--pattern`` into the method SPEC (the method rejects a conflict)."""
     name, _, settings = method.partition(":")
     parts = [settings] if settings.strip() else []
-    parts.append(f"sparsity={sparsity}")
+    if sparsity is not None:
+        parts.append(f"sparsity={sparsity}")
     if pattern:
         parts.append(f"pattern={pattern}")
     return f"{name}:{','.join(parts)}"

@@ -45,9 +45,21 @@ def check_divides(pattern: Pattern | None, width: int, name: str) -> None:
         raise VlmpruneError(f"pattern {n}:{m} does not divide the input width {width} of {name}; choose M dividing {width}")
 
 
-def pattern_sparsity(pattern: Pattern | None, sparsity: float) -> float:
-    """The sparsity a layer ends up with: N:M fixes it at 1 - N/M."""
-    return sparsity if pattern is None else 1.0 - pattern[0] / pattern[1]
+DEFAULT_SPARSITY = 0.5
+
+
+def pattern_sparsity(pattern: Pattern | None, sparsity: float | None) -> float:
+    """The sparsity a layer ends up with: N:M fixes it at 1 - N/M, so an explicit sparsity that
+    says otherwise is a conflict rather than something to override silently; ``None`` means the
+    pattern's sparsity, or 0.5 without a pattern."""
+    if pattern is None:
+        return DEFAULT_SPARSITY if sparsity is None else check_sparsity(sparsity)
+    n, m = pattern
+    fixed = 1.0 - n / m
+    if sparsity is not None and abs(check_sparsity(sparsity) - fixed) > 1e-9:
+        raise VlmpruneError(f"sparsity {float(sparsity)} conflicts with pattern {n}:{m}, which prunes exactly "
+                            f"{fixed:g}: drop the sparsity or the pattern")
+    return fixed
 
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:

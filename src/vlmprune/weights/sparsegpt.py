@@ -57,7 +57,7 @@ def sparsegpt_weight(weight: torch.Tensor, hessian: torch.Tensor, sparsity: floa
 class SparseGPT(WeightMethod):
     name = "sparsegpt"
 
-    def __init__(self, sparsity: float = 0.5, pattern=None, pool: str = "mixed", blocksize: int = 128,
+    def __init__(self, sparsity: float | None = None, pattern=None, pool: str = "mixed", blocksize: int = 128,
                  percdamp: float = 0.01):
         super().__init__(sparsity, pattern)
         self.pool = check_pool(pool)

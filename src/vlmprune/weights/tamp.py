@@ -80,7 +80,7 @@ def amia_select(unit: torch.Tensor, score: torch.Tensor, density: torch.Tensor) 
 class TAMP(WeightMethod):
     name = "tamp"
 
-    def __init__(self, sparsity: float = 0.5, pattern=None, max_gap: float = 0.1):
+    def __init__(self, sparsity: float | None = None, pattern=None, max_gap: float = 0.1):
         super().__init__(sparsity, pattern)
         self.max_gap = float(max_gap)
         self.needs_dense_sweep = self.pattern is None      # N:M fixes every layer's sparsity

@@ -9,7 +9,7 @@ from .statistics import InputNorms
 class Wanda(WeightMethod):
     name = "wanda"
 
-    def __init__(self, sparsity: float = 0.5, pattern=None, pool: str = "mixed"):
+    def __init__(self, sparsity: float | None = None, pattern=None, pool: str = "mixed"):
         super().__init__(sparsity, pattern)
         self.pool = check_pool(pool)
 
