@@ -207,11 +207,24 @@ def test_targets_and_ignore(calibration):
     assert report.total_seconds > 0 and len(report.block_seconds) == 4
 
 
-def test_tamp_allocation_keeps_budget(calibration):
-    model, report = pruned("tamp:sparsity=0.5", calibration)
+@pytest.mark.parametrize("target", [0.5, 0.6])
+def test_tamp_allocation_keeps_budget(target, calibration):
+    model, report = pruned(f"tamp:sparsity={target}", calibration)
     sparsities = list(report.layer_sparsity.values())
-    assert report.sparsity == pytest.approx(0.5, abs=0.03)           # floor per row rounds down a little
-    assert max(sparsities) <= 0.6 + 1e-6 and min(sparsities) < max(sparsities)
+    half_row = max(linear.out_features for linear in llm_linears(model).values()) / 2
+    assert abs(report.zeros - target * report.weights) <= half_row   # the target within rounding
+    assert max(sparsities) <= target + 0.1 + 1e-6 and min(sparsities) < max(sparsities)
+
+
+def test_whole_row_sparsities_carry_the_rounding():
+    from vlmprune.weights.tamp import whole_row_sparsities
+
+    shapes = {"a": (2, 10), "b": (2, 10), "c": (4, 10)}
+    # wanted zeros 2*10*0.33 = 6.6 -> 3 per row (6), then 6.6 + 6.6 - 6 = 7.2 -> 4 per row (8),
+    # then 13.2 + 20 - 14 = 19.2 -> 5 per row (20): 34 zeros for 33.2 wanted
+    rounded = whole_row_sparsities({"a": 0.33, "b": 0.33, "c": 0.5}, shapes)
+    assert rounded == {"a": 0.3, "b": 0.4, "c": 0.5}
+    assert row_mask(torch.rand(2, 10), rounded["b"]).sum() == 8
 
 
 @pytest.mark.parametrize("make_call, text", [

@@ -63,9 +63,10 @@ def pattern_sparsity(pattern: Pattern | None, sparsity: float | None) -> float:
 
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Per output row, prune the ``floor(sparsity * C_in)`` lowest scores (stable sort)."""
+    """Per output row, prune the ``floor(sparsity * C_in)`` lowest scores (stable sort); the
+    tolerance keeps a sparsity of exactly ``k / C_in`` at ``k`` despite float rounding."""
     rows, cols = scores.shape
-    count = int(sparsity * cols)
+    count = int(sparsity * cols + 1e-9)
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if count:
         order = torch.sort(scores, dim=1, stable=True).indices[:, :count]

@@ -77,6 +77,20 @@ def amia_select(unit: torch.Tensor, score: torch.Tensor, density: torch.Tensor) 
     return chosen
 
 
+def whole_row_sparsities(sparsities: dict[str, float], shapes: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """Round each layer's sparsity to a whole count of weights pruned per row, carrying the
+    rounding error to the next layer, so that the total pruned equals ``sum s_l * size_l`` within
+    half a row (flooring every layer would land under the target)."""
+    rounded, wanted, done = {}, 0.0, 0
+    for name, sparsity in sparsities.items():
+        rows, cols = shapes[name]
+        wanted += min(max(sparsity, 0.0), 1.0) * rows * cols
+        count = min(max(round((wanted - done) / rows), 0), cols)
+        done += count * rows
+        rounded[name] = count / cols
+    return rounded
+
+
 class TAMP(WeightMethod):
     name = "tamp"
 
@@ -113,8 +127,9 @@ class TAMP(WeightMethod):
         open_ = set(sizes)
         while spare > 1e-9 and open_:           # share in proportion to d, capping density at 1
             weight = sum(importance[n] * sizes[n] for n in open_)
-            if weight <= 0:
-                break
+            if weight <= 0:                     # no diversity anywhere: share the rest evenly
+                importance = dict.fromkeys(importance, 1.0)
+                continue
             share = spare / weight
             full = {n for n in open_ if density[n] + share * importance[n] >= 1}
             if not full:
@@ -125,7 +140,9 @@ class TAMP(WeightMethod):
                 spare -= (1 - density[n]) * sizes[n]
                 density[n] = 1.0
             open_ -= full
-        self.sparsities = {name: max(0.0, 1 - value) for name, value in density.items()}
+        self.sparsities = whole_row_sparsities({name: 1 - value for name, value in density.items()},
+                                               {name: tuple(linear.weight.shape) for linears in per_block
+                                                for name, linear in linears.items()})
 
     @torch.no_grad()
     def prune_block(self, ctx) -> None:
