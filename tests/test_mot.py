@@ -6,6 +6,7 @@ import torch
 
 import vlmprune as vp
 from vlmprune.errors import VlmpruneError
+from vlmprune.models import get_adapter
 from vlmprune.models.tiny import build_tiny
 from vlmprune.weights.mot import ModalityLinear, to_mot
 
@@ -16,14 +17,16 @@ def calibration():
     return [make(text_lens=(14,), seed=s) for s in range(3)]
 
 
-def test_unpruned_probe_reproduces_logits_and_generation():
-    model, make = build_tiny("llava", seed=0)
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision"])
+def test_unpruned_probe_reproduces_logits_and_generation(family):
+    model, make = build_tiny(family, seed=0)
     inputs = make(text_lens=(5, 9), seed=3)                  # left-padded batch of two
     with torch.no_grad():
         logits = model(**inputs).logits
         tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    to_mot(model)
-    assert sum(isinstance(m, ModalityLinear) for m in model.modules()) == 4 * 6
+    probe = to_mot(model)
+    layers = len(get_adapter(model).llm_layers)
+    assert sum(isinstance(m, ModalityLinear) for m in model.modules()) == len(probe.routed) == layers * 6
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, logits)
         assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), tokens)
@@ -62,6 +65,13 @@ def test_pool_changes_the_pathway_masks(calibration):
         to_mot(model).prune("visual", vp.weights.from_spec(f"wanda:pool={pool}"), calibration)
         masks[pool] = torch.cat([m.visual.weight.flatten() == 0 for m in model.modules() if isinstance(m, ModalityLinear)])
     assert not torch.equal(masks["text"], masks["visual"])
+
+
+def test_converting_twice_is_refused():
+    model, _ = build_tiny("llava", seed=0)
+    to_mot(model)
+    with pytest.raises(VlmpruneError, match="converts to the MoT probe once"):
+        to_mot(model)
 
 
 def test_unknown_pathway():

@@ -81,6 +81,15 @@ class ModelAdapter:
         return (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
                 k_raw.repeat_interleave(rep, 1), attn.scaling)
 
+    def llm_token_projections(self, layer: int) -> dict[str, tuple[nn.Module, str]]:
+        """The Linears of LLM ``layer`` that act on each token on its own (q/k/v and the FFN), as
+        ``{role: (parent module, attribute)}`` so that a caller can replace them."""
+        block = self.llm_layers[layer]
+        attn, mlp = block.self_attn, block.mlp
+        return {role: (parent, role) for parent, roles in ((attn, ("q_proj", "k_proj", "v_proj")),
+                                                          (mlp, ("gate_proj", "up_proj", "down_proj")))
+                for role in roles}
+
     def vision_qkv(self, layer: int, hidden: torch.Tensor):
         """Query, key and value heads (B, H, N, d) of vision ``layer`` for its input ``hidden``."""
         raise VlmpruneError(f"{self.family}: pruning inside the vision encoder is not supported; "

@@ -8,6 +8,7 @@ model computes. Each pathway can then be pruned on its own with any calibration 
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Sequence
 
 import torch
@@ -16,8 +17,6 @@ from torch import nn
 from ..errors import VlmpruneError
 from .sequential import PruneReport, prune
 
-# Hugging Face's names for the per-token projections of Llama/Qwen2-style decoder layers.
-PATHWAY_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
 PATHWAYS = ("text", "visual")
 
 
@@ -51,14 +50,14 @@ class ModalityLinear(nn.Module):
 class MoTProbe:
     """Handle of a converted model: routing, and pruning one pathway at a time."""
 
-    def __init__(self, model: nn.Module, router: ModalityRouter):
+    def __init__(self, model: nn.Module, router: ModalityRouter, routed: list[str]):
         self.model, self.router = model, router
+        self.routed = routed          # full module names of the ModalityLinear layers
 
-    @staticmethod
-    def targets(pathway: str) -> list[str]:
+    def targets(self, pathway: str) -> list[str]:
         if pathway not in PATHWAYS:
             raise VlmpruneError(f"unknown MoT pathway {pathway!r}; choose one of: {', '.join(PATHWAYS)}")
-        return [rf"\.({'|'.join(PATHWAY_PROJECTIONS)})\.{pathway}$"]
+        return [rf"^{re.escape(name)}\.{pathway}$" for name in self.routed]
 
     def route_sample(self, visual: torch.Tensor) -> None:
         self.router.visual = visual[None]
@@ -70,24 +69,27 @@ class MoTProbe:
 
 
 def to_mot(model: nn.Module) -> MoTProbe:
-    """Convert ``model`` in place into the two-pathway form and return its probe handle."""
+    """Convert ``model`` in place into the two-pathway form and return its probe handle; the
+    adapter says which projections of each decoder layer act per token."""
     from ..models import get_adapter
 
     adapter = get_adapter(model)
     router = ModalityRouter()
-    converted = 0
-    for layer in adapter.llm_layers:
-        for parent in list(layer.modules()):
-            for name, child in list(parent.named_children()):
-                if name in PATHWAY_PROJECTIONS and isinstance(child, nn.Linear):
-                    setattr(parent, name, ModalityLinear(child, router))
-                    converted += 1
-    if not converted:
-        raise VlmpruneError(f"no {'/'.join(PATHWAY_PROJECTIONS)} Linear layers found in {type(model).__name__}")
+    converted = []
+    for layer in range(len(adapter.llm_layers)):
+        for parent, attribute in adapter.llm_token_projections(layer).values():
+            linear = getattr(parent, attribute)
+            if not isinstance(linear, nn.Linear):
+                raise VlmpruneError(f"{attribute} of LLM layer {layer} is a {type(linear).__name__}, not a Linear "
+                                    "(a model converts to the MoT probe once)")
+            routed = ModalityLinear(linear, router)
+            setattr(parent, attribute, routed)
+            converted.append(routed)
+    names = {id(module): name for name, module in model.named_modules()}
 
     def route(_module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         router.visual = None if input_ids is None else adapter.image_token_mask(input_ids)
 
     model.register_forward_pre_hook(route, with_kwargs=True)
-    return MoTProbe(model, router)
+    return MoTProbe(model, router, [names[id(module)] for module in converted])
