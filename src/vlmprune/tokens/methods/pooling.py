@@ -7,19 +7,13 @@ from __future__ import annotations
 
 import math
 
-from ..base import ModelPlan, Reduction, Site, SiteContext, TokenMethod
+from ..base import Reduction, SiteContext
+from ..kinds import BeforeLLMMethod
 from .. import scorers
 
 
-class SpatialPooling(TokenMethod):
+class SpatialPooling(BeforeLLMMethod):
     name = "pooling"
-
-    def __init__(self, keep: int | float = 0.11):
-        scorers.resolve_keep(keep, 10**9)  # a bad keep fails here, not in the forward
-        self.keep = keep
-
-    def sites(self, plan: ModelPlan) -> list[Site]:
-        return [Site("llm", 0)]
 
     def reduce(self, ctx: SiteContext) -> Reduction:
         grid = scorers.square_grid(ctx.visual.shape[1])

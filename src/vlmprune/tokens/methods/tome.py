@@ -7,29 +7,19 @@ from __future__ import annotations
 
 import torch
 
-from ..base import ModelPlan, Reduction, Site, SiteContext, TokenMethod
+from ..base import ModelPlan, Reduction, Site, SiteContext
+from ..kinds import EveryVisionLayerMethod
 from .. import scorers
 
 
-class ToMe(TokenMethod):
+class ToMe(EveryVisionLayerMethod):
     name = "tome"
-
-    def __init__(self, keep: int | float = 0.11, every: int = 1):
-        scorers.resolve_keep(keep, 10**9)  # a bad keep fails here, not in the forward
-        self.keep = keep
-        self.every = every
-        self._sites: list[Site] = []
-
-    def sites(self, plan: ModelPlan) -> list[Site]:
-        self._sites = scorers.vision_sites(plan, self.every, self.name)
-        return self._sites
 
     def recorded_layers(self, site: Site, plan: ModelPlan) -> list[int]:
         return [site.layer - 1]
 
     def reduce(self, ctx: SiteContext) -> Reduction:
-        target = scorers.resolve_keep(self.keep, ctx.n_visual)
-        count = scorers.count_after(self._sites, ctx.site, ctx.n_visual, target)
+        count = self.count_after(ctx)
         tokens = scorers.gather_tokens(ctx.hidden, ctx.visual)
         metric = scorers.gather_tokens(ctx.keys(ctx.site.layer - 1), ctx.visual)
         sizes = ctx.sizes if ctx.sizes is not None else torch.ones(tokens.shape[:2], device=tokens.device)

@@ -3,24 +3,18 @@ merged by key similarity from the rest (54 + 10 of 64 in the paper: ``contextual
 same 10/64 share of ``keep``)."""
 from __future__ import annotations
 
-from ..base import ModelPlan, Reduction, Site, SiteContext, TokenMethod
+from ..base import Reduction, SiteContext
+from ..kinds import FeatureLayerMethod
 from .. import scorers
 from ...errors import VlmpruneError
 
 
-class VisionZip(TokenMethod):
+class VisionZip(FeatureLayerMethod):
     name = "visionzip"
 
     def __init__(self, keep: int | float = 0.11, contextual: int | float = 10 / 64):
-        scorers.resolve_keep(keep, 10**9)  # a bad keep fails here, not in the forward
-        self.keep = keep
+        super().__init__(keep)
         self.contextual = contextual
-
-    def sites(self, plan: ModelPlan) -> list[Site]:
-        return scorers.vision_sites(plan, plan.vision_feature_layer + 1, self.name)
-
-    def recorded_layers(self, site: Site, plan: ModelPlan) -> list[int]:
-        return [site.layer - 1]
 
     def reduce(self, ctx: SiteContext) -> Reduction:
         count = scorers.resolve_keep(self.keep, ctx.n_visual)
