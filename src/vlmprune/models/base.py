@@ -5,6 +5,7 @@ engine only talk to a :class:`ModelAdapter`.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from ..errors import VlmpruneError
 
 
-class ModelAdapter:
+class ModelAdapter(ABC):
     """Base adapter: family modules fill in the module paths in ``__init__``."""
 
     family: str = ""
@@ -50,9 +51,9 @@ class ModelAdapter:
             spans.append(runs)
         return spans
 
+    @abstractmethod
     def patch_grid(self, inputs: dict[str, Any]) -> tuple[int, int]:
         """(rows, cols) of the base image's visual tokens, for overlays."""
-        raise NotImplementedError
 
     # -- what the token engine needs ------------------------------------------------------
     @property

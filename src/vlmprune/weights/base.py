@@ -5,6 +5,7 @@ gathers statistics through a :class:`~vlmprune.weights.sequential.BlockContext` 
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from .masks import Pattern, apply_mask, check_divides, parse_pattern, pattern_sparsity, score_mask
 
 
-class WeightMethod:
+class WeightMethod(ABC):
     name = "base"
     needs_calibration = True
     needs_dense_sweep = False
@@ -40,8 +41,10 @@ class WeightMethod:
     def prune_with_scores(self, name: str, linear: nn.Linear, scores: torch.Tensor) -> None:
         apply_mask(linear, score_mask(scores, self.layer_sparsity(name), self.pattern))
 
+    @abstractmethod
     def prune_block(self, ctx) -> None:
-        raise NotImplementedError
+        """Zero weights of ``ctx.linears``, one decoder block (``ctx.inputs`` is None for methods
+        without ``needs_calibration``)."""
 
     def observe_dense(self, ctx) -> list[torch.Tensor] | None:
         """Dense sweep before pruning (methods with ``needs_dense_sweep``)."""

@@ -87,7 +87,7 @@ class BlockContext:
     index: int
     block: nn.Module
     linears: dict[str, nn.Linear]           # full module name -> target Linear of this block
-    inputs: BlockInputs
+    inputs: BlockInputs | None              # None when the method needs no calibration
     llm_config: Any
     device: torch.device
     on_sample: Callable[[torch.Tensor], None] | None = None
@@ -241,8 +241,9 @@ def prune(model: nn.Module, method, calibration: Sequence[Any] | None = None, *,
         if not method.needs_calibration:
             for b, linears in enumerate(tqdm(per_block, desc=f"{method.name} blocks", leave=False)):
                 tic = time.perf_counter()
-                with block_on(adapter.llm_layers[b], device):
-                    method.prune_linears(linears)
+                block = adapter.llm_layers[b]
+                with block_on(block, device):
+                    method.prune_block(BlockContext(b, block, linears, None, adapter.llm.config, device))
                     report.record_block(linears)
                 report.block_seconds.append(time.perf_counter() - tic)
         else:

@@ -6,8 +6,8 @@ import torch
 
 from .base import WeightMethod
 from .masks import Pattern
-from .pools import check_pool, pool_mask
-from .statistics import Hessian
+from .pools import check_pool
+from .statistics import Hessian, pooled_statistics
 
 
 @torch.no_grad()
@@ -68,13 +68,7 @@ class SparseGPT(WeightMethod):
         return {"pool": self.pool}
 
     def prune_block(self, ctx) -> None:
-        hessians = {name: Hessian(linear.in_features, ctx.device) for name, linear in ctx.linears.items()}
-        with ctx.capture() as seen:
-            for i in range(ctx.n_samples):
-                ctx.forward(i)
-                keep = pool_mask(ctx.visual(i), self.pool)
-                for name, (x, _) in seen.items():
-                    hessians[name].add(x[keep])
+        hessians = pooled_statistics(ctx, Hessian, self.pool)
         for name, linear in ctx.linears.items():
             pruned = sparsegpt_weight(linear.weight, hessians[name].value, self.layer_sparsity(name), self.pattern,
                                       self.blocksize, self.percdamp)

@@ -1,7 +1,13 @@
 """Calibration statistics of a Linear's inputs, accumulated one sample at a time (float32)."""
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import torch
+
+from .pools import pool_mask
+
+Statistic = TypeVar("Statistic")
 
 
 class InputNorms:
@@ -40,3 +46,16 @@ class Hessian:
     @property
     def value(self) -> torch.Tensor:
         return self.total * (2.0 / max(self.tokens, 1))
+
+
+def pooled_statistics(ctx, statistic: Callable[[int, torch.device], Statistic], pool: str) -> dict[str, Statistic]:
+    """Run every calibration sample through the block and feed each target's input tokens that
+    belong to ``pool`` to its own ``statistic(width, device)`` accumulator."""
+    stats = {name: statistic(linear.in_features, ctx.device) for name, linear in ctx.linears.items()}
+    with ctx.capture() as seen:
+        for i in range(ctx.n_samples):
+            ctx.forward(i)
+            keep = pool_mask(ctx.visual(i), pool)
+            for name, (x, _) in seen.items():
+                stats[name].add(x[keep])
+    return stats

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from .base import WeightMethod, wanda_scores
-from .pools import check_pool, pool_mask
-from .statistics import InputNorms
+from .pools import check_pool
+from .statistics import InputNorms, pooled_statistics
 
 
 class Wanda(WeightMethod):
@@ -17,12 +17,6 @@ class Wanda(WeightMethod):
         return {"pool": self.pool}
 
     def prune_block(self, ctx) -> None:
-        norms = {name: InputNorms(linear.in_features, ctx.device) for name, linear in ctx.linears.items()}
-        with ctx.capture() as seen:
-            for i in range(ctx.n_samples):
-                ctx.forward(i)
-                keep = pool_mask(ctx.visual(i), self.pool)
-                for name, (x, _) in seen.items():
-                    norms[name].add(x[keep])
+        norms = pooled_statistics(ctx, InputNorms, self.pool)
         for name, linear in ctx.linears.items():
             self.prune_with_scores(name, linear, wanda_scores(linear.weight, norms[name].value))
