@@ -1,7 +1,7 @@
 """The token-method API: a method names its pruning sites and, at each, scores and selects.
 
-The engine (``engine.py``) owns hooks, shapes, positions, masks and the KV cache; a method never
-touches modules. At every site the engine hands the method a :class:`SiteContext` and applies the
+The engine (``engine.py``) owns hooks, shapes, positions, masks and the KV cache; a method installs
+no hooks and reaches the model only through the adapter in its context. At every site the engine hands the method a :class:`SiteContext` and applies the
 :class:`Reduction` it returns.
 """
 from __future__ import annotations
@@ -64,6 +64,8 @@ class SiteContext:
     ``values(layer)`` / ``keys(layer)``: (B, N, H*d) value / key vectors of that layer.
     ``inputs``: the model inputs of this forward (``input_ids``, ``attention_mask``, ...).
     ``state``: a dict the method may use to carry results from one site to the next.
+    ``adapter``: the model's :class:`~vlmprune.models.ModelAdapter`, for a method that must run one
+    of the model's own modules (downsample re-embeds the image with the tower's patch embedding).
     """
 
     site: Site
@@ -79,6 +81,7 @@ class SiteContext:
     inputs: dict[str, Any]
     state: dict[str, Any] = field(default_factory=dict)
     sizes: torch.Tensor | None = None
+    adapter: Any = None
 
 
 class TokenMethod:

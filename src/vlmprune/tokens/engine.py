@@ -607,4 +607,4 @@ class _Engine:
         return SiteContext(site=site, hidden=hidden, visual=visual, original=original, n_visual=n_visual,
                            cls=cls, query=query, attention=attention, values=lambda layer: flat(heads(layer)[2]),
                            keys=lambda layer: flat(heads(layer)[3]), inputs=inputs, state=state,
-                           sizes=sizes)
+                           sizes=sizes, adapter=self.adapter)
