@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .masks import Pattern, apply_mask, check_divides, parse_pattern, pattern_sparsity, score_mask
+from .pools import check_pool
 
 
 class WeightMethod(ABC):
@@ -52,6 +53,17 @@ class WeightMethod(ABC):
 
     def allocate(self, per_block: list[dict[str, nn.Linear]]) -> None:
         """Turn what the dense sweep observed into per-layer sparsities."""
+
+
+class PooledMethod(WeightMethod):
+    """A method whose statistics come from one calibration pool of tokens (see ``pools.py``)."""
+
+    def __init__(self, sparsity: float | None = None, pattern: str | Pattern | None = None, pool: str = "mixed"):
+        super().__init__(sparsity, pattern)
+        self.pool = check_pool(pool)
+
+    def settings(self) -> dict[str, Any]:
+        return {"pool": self.pool}
 
 
 def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import WeightMethod
+from .base import PooledMethod
 from .masks import Pattern
-from .pools import check_pool
 from .statistics import Hessian, pooled_statistics
 
 
@@ -54,18 +53,14 @@ def sparsegpt_weight(weight: torch.Tensor, hessian: torch.Tensor, sparsity: floa
     return W
 
 
-class SparseGPT(WeightMethod):
+class SparseGPT(PooledMethod):
     name = "sparsegpt"
 
     def __init__(self, sparsity: float | None = None, pattern=None, pool: str = "mixed", blocksize: int = 128,
                  percdamp: float = 0.01):
-        super().__init__(sparsity, pattern)
-        self.pool = check_pool(pool)
+        super().__init__(sparsity, pattern, pool)
         self.blocksize = int(blocksize)
         self.percdamp = float(percdamp)
-
-    def settings(self):
-        return {"pool": self.pool}
 
     def prune_block(self, ctx) -> None:
         hessians = pooled_statistics(ctx, Hessian, self.pool)
