@@ -188,6 +188,20 @@ def test_counted_flops_on_a_meta_copy_drop_below_dense(tiny):
         assert flops.llm < dense.llm and flops.vision <= dense.vision, spec
 
 
+def test_counted_flops_for_visionzip_on_a_meta_copy(tiny):
+    """VisionZip's contextual merge picks its targets from shapes alone, so a meta forward runs it."""
+    from vlmprune.measure.flops import count_flops
+    from vlmprune.models.presets import Preset, default_image_size
+
+    model, _ = tiny("llava")
+    preset = Preset("tiny-llava", model.config, default_image_size(model.config))
+    dense = count_flops(preset, 6)
+    for spec in ("visionzip:keep=5", "visionzip:keep=5,contextual=0"):
+        pruned = count_flops(preset, 6, from_spec(spec))
+        assert pruned.schedule.llm == [5 + 6] * len(dense.schedule.llm), spec
+        assert pruned.flops.llm < dense.flops.llm and pruned.flops.vision <= dense.flops.vision, spec
+
+
 def test_methods_generate_on_tiny_llava(tiny):
     model, make_inputs = tiny("llava")
     inputs = make_inputs(text_lens=(5, 3))
