@@ -43,6 +43,26 @@ def test_fastv_scores_with_the_last_prompt_tokens_attention(family):
     assert torch.equal(method.reduction.keep.sort(1).values, expected)
 
 
+def test_row_attention_equals_that_row_of_the_full_map(tiny):
+    """FastV scores only the query row; it must match the row taken from the full (N, N) map,
+    padding and a mixed-length batch included."""
+    from vlmprune.tokens import scorers
+
+    class Checking(vp.tokens.FastV):
+        def reduce(self, ctx):
+            full = ctx.attention(self.layer - 1)
+            self.expected = full[torch.arange(full.shape[0]), ctx.query].gather(1, ctx.visual)
+            self.got = scorers.row_attention(ctx, self.layer - 1, ctx.query)
+            return super().reduce(ctx)
+
+    model, make_inputs = tiny("llava")
+    method = Checking(layer=2, keep=5)
+    with vp.tokens.apply(model, method), torch.no_grad():
+        model(**make_inputs(text_lens=(2, 6), seed=3))
+    assert method.got.shape == (2, 16)
+    assert torch.allclose(method.got, method.expected, atol=1e-6)
+
+
 def test_fastv_keep_is_a_count_or_a_fraction(tiny):
     model, make_inputs = tiny("llava")
     inputs = make_inputs(text_lens=(3,))

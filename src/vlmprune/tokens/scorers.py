@@ -319,10 +319,9 @@ def count_after(sites: list[Site], site: Site, n_visual: int, target: int) -> in
 
 
 def row_attention(ctx: SiteContext, layer: int, row: torch.Tensor) -> torch.Tensor:
-    """(B, V) head-mean attention of the per-sample ``row`` (B,) to the current visual tokens."""
-    attention = ctx.attention(layer)
-    picked = attention.gather(1, row.view(-1, 1, 1).expand(-1, 1, attention.shape[-1])).squeeze(1)
-    return picked.gather(1, ctx.visual)
+    """(B, V) head-mean attention of the per-sample ``row`` (B,) to the current visual tokens; only
+    that row's queries are scored, not the whole (N, N) map."""
+    return ctx.attention(layer, row.view(-1, 1))[:, 0].gather(1, ctx.visual)
 
 
 def cls_attention(ctx: SiteContext, layer: int) -> torch.Tensor:
