@@ -11,13 +11,15 @@ QWEN = ModelPlan(family="qwen2_vl", n_vision_layers=0, vision_feature_layer=0, n
 
 
 def _context(site, hidden, attention=None, keys=None, cls=0, query=None, n_visual=None):
-    """A one-sample site: [CLS] at 0 (vision) and every other position visual."""
+    """A one-sample site: [CLS] at 0 (vision) and every other position visual; ``attention(layer, rows)``
+    returns those rows of ``attention``, as the engine does."""
     n = hidden.shape[1]
     visual = torch.arange(1 if cls is not None else 0, n)[None]
     att = attention if attention is not None else torch.full((1, n, n), 1.0 / n)
     return SiteContext(site=site, hidden=hidden, visual=visual, original=visual - visual[:, :1],
                        n_visual=n_visual or visual.shape[1], cls=cls, query=query,
-                       attention=lambda layer, rows=None: att, values=lambda layer: hidden,
+                       attention=lambda layer, rows=None: att if rows is None else att[:, rows[0]],
+                       values=lambda layer: hidden,
                        keys=lambda layer: keys if keys is not None else hidden, inputs={})
 
 
