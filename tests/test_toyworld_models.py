@@ -1,9 +1,11 @@
 """Toy models: training steps on micro configs, the `toy train` CLI, and the shipped checkpoints."""
 from __future__ import annotations
 
+import math
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -17,8 +19,8 @@ from vlmprune.toyworld import configs
 from vlmprune.toyworld.processor import build_processor
 from vlmprune.toyworld.tokenizers import build_clip_tokenizer, build_llm_tokenizer, corpus
 from vlmprune.toyworld.train import (ClipTrainer, SequenceBuilder, StageSettings, _clip_batch, _lvlm_batch,
-                                     accuracy_by_task, grounding_words, lvlm_losses, new_lvlm, pixel_values, train,
-                                     vision_features)
+                                     accuracy_by_task, grounding_words, lookup_loss, lvlm_losses, named_patches,
+                                     new_lvlm, pixel_values, train, vision_features)
 
 MICRO = {"toy-clip": "micro", "toy-large": "micro", "toy-small": "micro"}
 
@@ -51,10 +53,14 @@ def test_micro_clip_and_lvlm_losses_decrease(tokenizers):
     pixels, batch = _lvlm_batch(random.Random(0), SequenceBuilder(processor), "instruct", 2, 3)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     words = grounding_words(llm_tokenizer)
+    with pytest.raises(VlmpruneError, match="eager"):
+        lvlm_losses(model, vision_features(model, pixels), batch, words)
+    model.set_attn_implementation("eager")
     losses = []
     for _ in range(8):
         parts = lvlm_losses(model, vision_features(model, pixels), batch, words)
-        loss = parts["text"] + parts["grounding"]
+        assert set(parts) == {"text", "grounding", "lookup"}
+        loss = sum(parts.values())
         losses.append(loss.item())
         optimizer.zero_grad()
         loss.backward()
@@ -66,6 +72,32 @@ def test_micro_clip_and_lvlm_losses_decrease(tokenizers):
         direct = model(pixel_values=pixels, **inputs).loss
         manual = lvlm_losses(model, vision_features(model, pixels), batch)["text"]
     assert torch.allclose(direct, manual, atol=1e-5)
+
+
+def test_named_patches_follow_the_question_stem():
+    # Four patches: a red circle (1), a blue star (2), background (3), another red circle patch (4).
+    labels = {"shape": np.array([1, 6, 0, 1]), "colour": np.array([1, 3, 0, 1])}
+    assert named_patches("what colour is the star?", labels).tolist() == [False, True, False, False]
+    assert named_patches("is the circle left of the star?", labels).tolist() == [True, True, False, True]
+    # Shapes win over colours; an absent shape falls back to the colour; options are not names.
+    assert named_patches("is there a red star?", labels).tolist() == [False, True, False, False]
+    assert named_patches("is there a red cross?", labels).tolist() == [True, False, False, True]
+    assert named_patches("which shape is blue? A. circle B. star answer with the letter.", labels).tolist() == \
+        [False, True, False, False]
+    assert named_patches("how many objects are there?", labels) is None
+
+
+def test_lookup_loss_is_minus_log_of_the_mass_on_the_named_patches():
+    # One sequence: [text, image, image, image, text]; two layers, two heads; the middle layer is layer 1.
+    is_image = torch.tensor([[False, True, True, True, False]])
+    weights = torch.zeros(1, 2, 5, 5)
+    weights[0, 0, 4] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])
+    attentions = (torch.full((1, 2, 5, 5), 0.2), weights)
+    lookups = {"rows": torch.tensor([0]), "positions": torch.tensor([4]),
+               "targets": torch.tensor([[True, False, True]])}
+    assert lookup_loss(attentions, is_image, lookups).item() == pytest.approx(-math.log(0.6))
+    with pytest.raises(VlmpruneError, match="eager"):
+        lookup_loss((None, None), is_image, lookups)
 
 
 def test_micro_train_writes_loadable_float16_checkpoints(tmp_path):

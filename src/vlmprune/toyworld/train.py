@@ -31,7 +31,7 @@ from transformers import CLIPModel, LlavaForConditionalGeneration
 from ..errors import VlmpruneError
 from . import configs
 from .processor import CLIP_MEAN, CLIP_STD, build_processor, build_prompt
-from .scenes import COLOURS, GLYPHS, MAX_OBJECTS, PATCH_LABELS, SHAPES, patch_labels, render, sample_scene
+from .scenes import COLOURS, GLYPHS, GRID, MAX_OBJECTS, PATCH_LABELS, SHAPES, patch_labels, render, sample_scene
 from .tasks import TASKS, TEST_OBJECTS, ask, caption, sample_item
 from .tokenizers import build_clip_tokenizer, build_llm_tokenizer, corpus
 
@@ -41,6 +41,7 @@ CAPTION_INSTRUCTION = "describe the image."
 CONCEPTS = tuple(COLOURS) + SHAPES + GLYPHS  # the words whose CLIP relevance should follow the image
 GROUNDED = {"colour": tuple(COLOURS), "shape": SHAPES, "glyph": GLYPHS}  # patch labels named by LLM words
 GROUNDING_TEMPERATURE = 0.1
+LOOKUP_HEAD = 0  # the head of the middle LLM layer that the lookup loss shows where to look
 
 
 @dataclass
@@ -54,11 +55,11 @@ class StageSettings:
 # Planned for one float32 thread per process on a busy shared 2-core CPU (about 2.6 s a step for
 # toy-large, 0.95 s for toy-small): CLIP ~7 min, then toy-large and toy-small in parallel, ~50 min each.
 DEFAULT_SETTINGS = {
-    "toy-clip": {"clip": StageSettings(steps=320, batch=32, lr=2e-3, warmup=20)},
-    "toy-large": {"caption": StageSettings(steps=100, batch=24, lr=1.5e-3, warmup=30),
-                  "instruct": StageSettings(steps=600, batch=24, lr=1e-3, warmup=30)},
+    "toy-clip": {"clip": StageSettings(steps=1800, batch=32, lr=2e-3, warmup=50)},
+    "toy-large": {"caption": StageSettings(steps=200, batch=24, lr=1.5e-3, warmup=30),
+                  "instruct": StageSettings(steps=1200, batch=24, lr=1e-3, warmup=30)},
     "toy-small": {"caption": StageSettings(steps=200, batch=24, lr=1.5e-3, warmup=30),
-                  "instruct": StageSettings(steps=1700, batch=24, lr=1e-3, warmup=30)},
+                  "instruct": StageSettings(steps=2000, batch=24, lr=1e-3, warmup=30)},
 }
 
 
@@ -187,9 +188,23 @@ class ClipTrainer(nn.Module):
         losses["token"] = bce[valid].mean()
         return losses
 
+    @torch.no_grad()
+    def patch_accuracy(self, pixels, patch_targets) -> dict[str, float]:
+        """Held-out accuracy of the patch heads on object patches (glyph: on patches of objects with a digit)."""
+        patches = self.clip.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        on_object = patch_targets["colour"] > 0
+        accuracy = {}
+        for name in ("colour", "shape", "glyph"):
+            target = patch_targets[name]
+            mask = on_object & (target > 0)
+            accuracy[name] = (self.patch_heads[name](patches).argmax(-1)[mask] == target[mask]).float().mean().item()
+        return accuracy
+
 
 def _clip_batch(rng: random.Random, batch: int, clip_tokenizer):
-    scenes = [sample_scene(rng, rng.randint(1, MAX_OBJECTS)) for _ in range(batch)]
+    # Every large circle, square and diamond carries a digit here: digits are the slowest patch label to
+    # learn, and at the test distribution's rate (one object in eight) the tower never learnt to read them.
+    scenes = [sample_scene(rng, rng.randint(1, MAX_OBJECTS), glyph_rate=1.0) for _ in range(batch)]
     rendered = [render(s) for s in scenes]
     labels = [patch_labels(s, index_map) for s, (_, index_map) in zip(scenes, rendered)]
     patch_targets = {name: torch.from_numpy(np.stack([lab[name] for lab in labels])) for name in PATCH_LABELS}
@@ -210,6 +225,7 @@ def train_clip(clip: CLIPModel, clip_tokenizer, settings: StageSettings, seed: i
     trainer = ClipTrainer(clip)
     optimizer = torch.optim.AdamW(trainer.parameters(), lr=settings.lr, weight_decay=0.01)
     rng = random.Random(f"clip-{seed}")
+    held_out = _clip_batch(random.Random(f"clip-validation-{seed}"), 128, clip_tokenizer)[:2]
     trainer.train()
     for step in range(settings.steps):
         if time.time() > deadline:
@@ -227,6 +243,9 @@ def train_clip(clip: CLIPModel, clip_tokenizer, settings: StageSettings, seed: i
         optimizer.step()
         if step % 10 == 0 or step == settings.steps - 1:
             _log(f"clip step {step} loss {loss.item():.3f} " + " ".join(f"{k} {v.item():.3f}" for k, v in losses.items()))
+        if (step + 1) % 200 == 0 or step == settings.steps - 1:
+            accuracy = trainer.patch_accuracy(*held_out)
+            _log(f"clip step {step + 1} held-out patch accuracy " + " ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
     clip.eval()
 
 
@@ -264,7 +283,7 @@ class SequenceBuilder:
 
 
 def _lvlm_batch(rng: random.Random, builder: SequenceBuilder, stage: str, batch: int, max_objects: int):
-    scenes, sequences = [], []
+    scenes, sequences, questions = [], [], []
     for _ in range(batch):
         scene = sample_scene(rng, rng.randint(1, max_objects))
         if stage == "caption" or rng.random() < 0.15:
@@ -277,12 +296,45 @@ def _lvlm_batch(rng: random.Random, builder: SequenceBuilder, stage: str, batch:
                     turns.append(posed[:2])
             turns = turns or [(CAPTION_INSTRUCTION, caption(scene, rng))]
         scenes.append(scene)
+        questions.append([question for question, _ in turns])
         sequences.append(builder.conversation(turns))
     rendered = [render(scene) for scene in scenes]
     labels = [patch_labels(scene, index_map) for scene, (_, index_map) in zip(scenes, rendered)]
     batch = builder.pad(sequences)
     batch["patch_targets"] = {name: torch.from_numpy(np.stack([lab[name] for lab in labels])) for name in GROUNDED}
+    batch["lookups"] = _lookups(batch["labels"], questions, labels)
     return pixel_values([image for image, _ in rendered]), batch
+
+
+def named_patches(question: str, labels: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The patches of the objects a question names: by shape (shapes are unique in a scene), else by colour.
+
+    Options of a multiple-choice question are not names of objects to look at, only its stem counts.
+    None when the question names no object that is in the scene ("how many objects are there?").
+    """
+    words = set(re.findall(r"[a-z]+", question.split(" A. ")[0].lower()))
+    shapes = [SHAPES.index(w) + 1 for w in words if w in SHAPES]
+    colours = [tuple(COLOURS).index(w) + 1 for w in words if w in COLOURS]
+    for label, ids in (("shape", shapes), ("colour", colours)):
+        mask = np.isin(labels[label], ids)
+        if mask.any():
+            return mask
+    return None
+
+
+def _lookups(token_labels: torch.Tensor, questions: list[list[str]], labels: list[dict]) -> dict:
+    """Where each answer is predicted (the last prompt token of its turn) and the patches its question names."""
+    starts = (token_labels[:, :-1] == -100) & (token_labels[:, 1:] != -100)
+    rows, positions, targets = [], [], []
+    for row, (turn_questions, patch_label) in enumerate(zip(questions, labels)):
+        for position, question in zip(starts[row].nonzero().flatten().tolist(), turn_questions):
+            mask = named_patches(question, patch_label)
+            if mask is not None:
+                rows.append(row)
+                positions.append(position)
+                targets.append(torch.from_numpy(mask))
+    return {"rows": torch.tensor(rows, dtype=torch.long), "positions": torch.tensor(positions, dtype=torch.long),
+            "targets": torch.stack(targets) if targets else torch.zeros(0, GRID * GRID, dtype=torch.bool)}
 
 
 def vision_features(model: LlavaForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
@@ -300,7 +352,7 @@ def grounding_words(tokenizer) -> dict[str, torch.Tensor]:
 def lvlm_losses(model: LlavaForConditionalGeneration, features: torch.Tensor, batch: dict,
                 words: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The text loss from the model's own forward, with the projected image features scattered into the
-    input embeddings; with ``words``, also the grounding loss.
+    input embeddings; with ``words``, also the grounding and lookup losses.
 
     Grounding: each projected patch must point, among the LLM's own input embeddings of the colour (shape,
     digit) words, to the word naming its object's colour (shape, digit). Visual tokens then resemble the
@@ -313,7 +365,12 @@ def lvlm_losses(model: LlavaForConditionalGeneration, features: torch.Tensor, ba
     image = model.model.multi_modal_projector(features)
     mask = (batch["input_ids"] == model.config.image_token_id)[..., None].expand_as(embeds)
     embeds = embeds.masked_scatter(mask, image.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
-    out = {"text": model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss}
+    lookups = batch.get("lookups") if words is not None else None
+    forward = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    output_attentions=lookups is not None)
+    out = {"text": forward.loss}
+    if lookups is not None:
+        out["lookup"] = lookup_loss(forward.attentions, batch["input_ids"] == model.config.image_token_id, lookups)
     if words is not None:
         patches = F.normalize(image.float(), dim=-1)
         terms = []
@@ -325,6 +382,26 @@ def lvlm_losses(model: LlavaForConditionalGeneration, features: torch.Tensor, ba
                 terms.append(F.cross_entropy(logits[on_object], target[on_object] - 1))
         out["grounding"] = sum(terms) / max(1, len(terms))
     return out
+
+
+def lookup_loss(attentions, is_image: torch.Tensor, lookups: dict) -> torch.Tensor:
+    """Minus the log of the attention mass that one head, where an answer is predicted, puts on the patches
+    of the objects its question names.
+
+    Grounding makes a patch resemble the words naming it, but the LLM still has to learn to use a word of
+    the question as the query that finds those patches; the answers alone taught it that so slowly that
+    every task needing it stayed at chance. Head 0 of the middle layer is shown where to look, which leaves
+    earlier layers to bring the question to the answer position and later ones to read what was found.
+    Needs eager attention (``model.set_attn_implementation("eager")``) to see the weights.
+    """
+    if not attentions or any(a is None for a in attentions):
+        raise VlmpruneError("the lookup loss needs attention weights: set the model's attention to 'eager'")
+    if len(lookups["rows"]) == 0:
+        return attentions[0].new_zeros(())
+    weights = attentions[len(attentions) // 2][lookups["rows"], LOOKUP_HEAD, lookups["positions"]]  # (n, L)
+    image_columns = is_image.nonzero()[:, 1].view(is_image.shape[0], -1)[lookups["rows"]]      # (n, patches)
+    mass = (weights.float().gather(1, image_columns) * lookups["targets"]).sum(dim=1)
+    return -torch.log(mass.clamp(min=1e-6)).mean()
 
 
 def validation_items(per_task: int, seed: int = 0):
@@ -367,6 +444,7 @@ def train_lvlm(model, processor, stage: str, settings: StageSettings, seed: int,
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0, betas=(0.9, 0.98))
     rng = random.Random(f"{stage}-{seed}")
     val = validation_items(val_per_task) if stage == "instruct" else []
+    model.set_attn_implementation("eager")  # the lookup loss reads attention weights
     model.train()
     model.model.vision_tower.eval()
     ramp = 0.5 if stage == "caption" else 0.3
@@ -380,21 +458,22 @@ def train_lvlm(model, processor, stage: str, settings: StageSettings, seed: int,
             group["lr"] = settings.lr * _lr_factor(step, settings)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             losses = lvlm_losses(model, vision_features(model, pixels), batch, words)
-        loss = losses["text"] + losses["grounding"]
+        loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if step % 10 == 0:
             rate = (time.time() - start) / (step + 1)
-            _log(f"{stage} step {step} text {losses['text'].item():.3f} grounding {losses['grounding'].item():.3f}"
-                 f" ({rate:.2f} s/step)")
+            _log(f"{stage} step {step} " + " ".join(f"{k} {v.item():.3f}" for k, v in losses.items())
+                 + f" ({rate:.2f} s/step)")
         if val and (step + 1) % eval_every == 0:
             _report(model, processor, val, step + 1)
             if save_to:
                 save_half(model, processor, save_to)
     if val:
         _report(model, processor, val, settings.steps)
+    model.set_attn_implementation("sdpa")
     if save_to:
         save_half(model, processor, save_to)
 
