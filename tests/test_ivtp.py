@@ -146,10 +146,12 @@ def test_relevance_is_the_mean_over_overlapping_clip_tokens(tiny_ivtp):
     image = torch.randn(8)
     relevance, token_embeds, _ = method._text_relevance(None, ids, image)
     text = "w5 w17 w93"
-    encoded = clip_tokenizer(text, return_offsets_mapping=True)
+    real = [(s, e) for s, e in clip_tokenizer(text, return_offsets_mapping=True)["offset_mapping"] if e > s]
     cosines = torch.nn.functional.cosine_similarity(token_embeds, image[None], dim=-1)
+    assert token_embeds.shape[0] == len(real)      # special tokens left out
+    assert not (relevance.requires_grad or token_embeds.requires_grad)   # scoring builds no graph
     for i, (start, end) in enumerate([(0, 2), (3, 6), (7, 10)]):
-        inside = [j for j, (s, e) in enumerate(encoded["offset_mapping"]) if s < end and e > start]
+        inside = [j for j, (s, e) in enumerate(real) if s < end and e > start]
         assert inside and torch.allclose(relevance[i], cosines[inside].mean())
 
 

@@ -19,6 +19,15 @@ def clip_token_relevance(clip_model, clip_tokenizer, pixel_values_or_image_embed
     ``pixel_values_or_image_embeds`` is either pixel values ``(B, 3, H, W)`` or image embeddings
     ``(B, D)`` (already projected); B is 1 (shared by every text) or ``len(texts)``.
     """
+    return [(offsets, scores) for offsets, _, scores in
+            clip_token_embeddings(clip_model, clip_tokenizer, pixel_values_or_image_embeds, texts)]
+
+
+@torch.no_grad()
+def clip_token_embeddings(clip_model, clip_tokenizer, pixel_values_or_image_embeds: torch.Tensor,
+                          texts: list[str]) -> list[tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]]:
+    """:func:`clip_token_relevance` plus, per text, the projected CLIP embedding (S, P) of each real
+    token (IVTP's ``pcls=clip`` averages them). No gradients: the scores only select tokens."""
     images = pixel_values_or_image_embeds
     if images.dim() == 4:
         vision = clip_model.vision_model(pixel_values=images.to(clip_model.dtype))
@@ -32,11 +41,13 @@ def clip_token_relevance(clip_model, clip_tokenizer, pixel_values_or_image_embed
     max_length = clip_model.config.text_config.max_position_embeddings
     enc = clip_tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
                          return_tensors="pt", return_offsets_mapping=True)
-    hidden = clip_model.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    device = image_embeds.device
+    hidden = clip_model.text_model(input_ids=enc["input_ids"].to(device),
+                                   attention_mask=enc["attention_mask"].to(device)).last_hidden_state
     token_embeds = clip_model.text_projection(hidden)
     scores = F.cosine_similarity(token_embeds, image_embeds[:, None, :].expand_as(token_embeds), dim=-1)
     results = []
     for row, offsets in enumerate(enc["offset_mapping"].tolist()):
         keep = [j for j, (start, end) in enumerate(offsets) if end > start and enc["attention_mask"][row, j]]
-        results.append(([tuple(offsets[j]) for j in keep], scores[row, keep].float()))
+        results.append(([tuple(offsets[j]) for j in keep], token_embeds[row, keep], scores[row, keep].float()))
     return results

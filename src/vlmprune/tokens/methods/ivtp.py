@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from ...errors import VlmpruneError
 from ..base import ModelPlan, Reduction, Site, SiteContext, TokenMethod
 from .. import scorers
+from ..text_relevance import clip_token_embeddings
 
 INSTRUCTIONS = ("ott", "ott+rt", "ott+te+rt")
 PSEUDO_CLS = ("llm", "clip", "hybrid", "visual")
@@ -203,8 +204,10 @@ class IVTP(TokenMethod):
                                     "directory that holds one") from None
         return self._clip, self._clip_tokenizer, self._tokenizer
 
+    @torch.no_grad()
     def _image_embedding(self, model: Any, sequence: torch.Tensor) -> torch.Tensor:
-        """CLIP image embeddings (B, P) from the [CLS] + kept tokens at the feature layer's output."""
+        """CLIP image embeddings (B, P) from the [CLS] + kept tokens at the feature layer's output
+        (no gradients: they only score the instruction tokens)."""
         clip, _, _ = self._companions(model)
         vision = clip.vision_model
         hidden = sequence.to(vision.post_layernorm.weight.dtype)
@@ -216,23 +219,17 @@ class IVTP(TokenMethod):
 
     def _text_relevance(self, model: Any, text_ids: torch.Tensor, image_embed: torch.Tensor):
         """Eqs. 6-7: CLIP relevance of each CLIP token, mean over the CLIP tokens that overlap each
-        LLM token's characters (LLM tokens that overlap none get -inf: never relevant)."""
+        LLM token's characters (LLM tokens that overlap none get -inf: never relevant). Also the
+        CLIP tokens' projected embeddings and which of them pass ``tau`` (for ``pcls=clip``)."""
         clip, clip_tokenizer, tokenizer = self._companions(model)
         spans, text = llm_token_spans(tokenizer, text_ids.tolist())
-        encoded = clip_tokenizer(text, return_offsets_mapping=True, truncation=True,
-                                 max_length=clip.config.text_config.max_position_embeddings, return_tensors="pt")
-        out = clip.text_model(input_ids=encoded["input_ids"].to(image_embed.device))
-        token_embeds = clip.text_projection(out.last_hidden_state[0])                 # (S, P)
-        clip_relevance = F.cosine_similarity(token_embeds.float(), image_embed.float()[None], dim=-1)
-        offsets = encoded["offset_mapping"][0].tolist()
-        overlap = torch.tensor([[float(cs < e and ce > s and ce > cs) for cs, ce in offsets] for s, e in spans],
-                               device=image_embed.device)                            # (T, S)
+        [(offsets, token_embeds, clip_relevance)] = clip_token_embeddings(clip, clip_tokenizer, image_embed[None], [text])
+        overlap = torch.tensor([[float(cs < e and ce > s) for cs, ce in offsets] for s, e in spans],
+                               device=image_embed.device).view(len(spans), len(offsets))      # (T, S)
         counts = overlap.sum(-1)
-        relevance = (overlap @ clip_relevance) / counts.clamp_min(1)
+        relevance = (overlap @ clip_relevance.to(overlap.device)) / counts.clamp_min(1)
         relevance = relevance.masked_fill(counts == 0, -float("inf"))
-        tau = self._tau(model)
-        clip_passing = (clip_relevance >= tau) & (torch.tensor([ce > cs for cs, ce in offsets], device=image_embed.device))
-        return relevance, token_embeds, clip_passing
+        return relevance, token_embeds, clip_relevance >= self._tau(model)
 
     def _clip_to_llm(self, adapter: Any, mean: torch.Tensor) -> torch.Tensor:
         """``pcls=clip``: a mean projected CLIP text embedding, back to the tower width and projected."""
