@@ -3,17 +3,26 @@ Tables A1-A2 analogue), calibration pools (Table A3), ATV's alpha sweep, token-s
 (A5), the MoT probe (pathway x pool), pruning time per method, and ATV's drift profile (Fig. A1).
 
     .venv/bin/python benchmarks/weights_results.py [--model toy-large] [--limit 50] [--nsamples 64] \
-        [--part main50,time,pools,selection,alpha,mot,main60,drift]
+        [--part main50,time,pools,selection,alpha,mot,main60,drift] [--out DIR] [--quick]
 
-Rows go to ``docs/results/weights.json`` as they arrive (a rerun skips rows already there), then
-``docs/results/weights.md`` is rewritten from everything in the JSON.
+Rows go to ``DIR/weights.json`` (default ``docs/results``) as they arrive; a rerun with the same
+model, limit and calibration skips rows already there, then ``DIR/weights.md`` is rewritten from
+everything in the JSON. ``--quick`` is a smoke run (2 items per task, 4 calibration samples, one
+timing repeat) written to a temporary directory unless ``--out`` is given.
+
+The run is kept cheap: the dense model is loaded, evaluated and run up to LLM block 0 on the
+calibration samples once; each row prunes a copy of it from that capture; a SPEC that several
+tables share (ATV at 50% is in four of them) is pruned and evaluated once. Only the timing rows
+prune from scratch, capture included, since that is the cost they measure.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,16 +32,21 @@ from vlmprune import toyworld, weights
 from vlmprune.eval.harness import evaluate
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
+QUICK_OUT = Path(tempfile.gettempdir()) / "vlmprune_weights_quick"
 METHODS = ("atv", "wanda", "sparsegpt", "tamp", "magnitude")
 SETTINGS = {"50%": "sparsity=0.5", "60%": "sparsity=0.6", "2:4": "pattern=2:4", "4:8": "pattern=4:8"}
-POOLS = {"mixed (default)": "wanda:sparsity=0.5,pool=mixed", "text-only": "wanda:sparsity=0.5,pool=text",
-         "visual-only": "wanda:sparsity=0.5,pool=visual", "ATV-Pruning": "atv:sparsity=0.5"}
+# In vlmprune.weights.pools "all" and "mixed" are one pool (every token of the image-text samples).
+POOLS = {"all tokens = mixed (Wanda's default)": "wanda:sparsity=0.5,pool=mixed",
+         "text-only": "wanda:sparsity=0.5,pool=text", "visual-only": "wanda:sparsity=0.5,pool=visual",
+         "ATV-Pruning (all text + drifting visual)": "atv:sparsity=0.5"}
 SELECTION = {"drift TopK (ATV)": "atv:sparsity=0.5", "ABS (attention)": "atv:sparsity=0.5,saliency=attention",
              "DBS (diversity, max-min)": "atv:sparsity=0.5,saliency=diversity",
              "random visual tokens": "atv:sparsity=0.5,select=random",
              "fixed budget (16 per sample)": "atv:sparsity=0.5,budget=16"}
 ALPHAS = (0, 0.5, 1, 2, 4, 8)
+MOT_PATHWAYS, MOT_POOLS = ("text", "visual"), ("text", "visual", "mixed")
 PARTS = ("main50", "time", "pools", "selection", "alpha", "mot", "main60", "drift")
+SAME_RUN = ("model", "limit", "nsamples", "mot_sparsity")        # rows cached under other values are not reused
 
 
 class Results:
@@ -40,98 +54,116 @@ class Results:
 
     def __init__(self, path: Path, config: dict):
         self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {"config": config, "rows": {}}
+        previous = json.loads(path.read_text()) if path.exists() else None
+        same = previous is not None and all(previous["config"].get(k) == config[k] for k in SAME_RUN)
+        self.data = previous if same else {"config": config, "rows": {}}
 
     def get(self, part: str, label: str):
         return self.data["rows"].get(f"{part}|{label}")
+
+    def with_spec(self, spec: str):
+        """An evaluated row of any table pruned with ``spec``, to share instead of recomputing."""
+        return next((row for row in self.data["rows"].values() if row.get("spec") == spec and "tasks" in row), None)
 
     def put(self, part: str, label: str, row: dict) -> None:
         self.data["rows"][f"{part}|{label}"] = row
         self.path.write_text(json.dumps(self.data, indent=1))
 
 
-def evaluated(model, processor, args, dense) -> dict:
-    result = evaluate(model, processor, limit=args.limit, reference=dense, measure=False, progress=False)
-    return {"tasks": result["tasks"], "average": result["average"], "retention": result["retention"]}
+class Bench:
+    """The dense model, its evaluation and its calibration capture, shared by every row."""
+
+    def __init__(self, args, results: Results):
+        self.args, self.results = args, results
+        self.model, self.processor = toyworld.load(args.model)
+        self.calibration = toyworld.calibration(self.processor, n=args.nsamples)
+        self.captured = weights.capture(self.model, self.calibration)
+        dense = results.get("dense", "dense")
+        if dense is None:
+            dense = self.evaluated(self.model)
+            results.put("dense", "dense", dense)
+        self.dense_tasks = dense["tasks"]
+
+    def evaluated(self, model, reference=None) -> dict:
+        result = evaluate(model, self.processor, limit=self.args.limit, reference=reference, measure=False,
+                          progress=False)
+        return {"tasks": result["tasks"], "average": result["average"], "retention": result["retention"]}
+
+    def pruned(self, spec: str) -> dict:
+        """Prune a copy of the dense model with ``spec`` and evaluate it (once per SPEC)."""
+        shared = self.results.with_spec(spec)
+        if shared is not None:
+            return shared
+        model = copy.deepcopy(self.model)
+        report = weights.prune(model, weights.from_spec(spec), calibration=self.calibration, captured=self.captured)
+        return {"spec": spec, "prune_seconds": report.total_seconds, "sparsity": report.sparsity,
+                **self.evaluated(model, self.dense_tasks)}
+
+    def mot(self, pathway: str, pool: str) -> dict:
+        from vlmprune.weights.mot import to_mot
+
+        model = copy.deepcopy(self.model)
+        method = f"wanda:sparsity={self.args.mot_sparsity},pool={pool}"
+        report = to_mot(model).prune(pathway, weights.from_spec(method), self.calibration, captured=self.captured)
+        return {"spec": f"MoT {pathway} pathway, {method}", "sparsity": report.sparsity,
+                **self.evaluated(model, self.dense_tasks)}
+
+    def timing(self, spec: str) -> dict:
+        """Median over repeats of wall and process-CPU seconds of a whole prune, capture included
+        (the CPU is shared, so CPU time is the steadier of the two)."""
+        walls, cpus = [], []
+        for _ in range(self.args.repeats):
+            model = copy.deepcopy(self.model)
+            cpu = time.process_time()
+            report = weights.prune(model, weights.from_spec(spec), calibration=self.calibration)
+            cpus.append(time.process_time() - cpu)
+            walls.append(report.total_seconds)
+        return {"spec": spec, "wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
+                "walls": walls, "cpus": cpus}
 
 
-def prune_and_eval(spec: str, args, calibration, dense) -> dict:
-    model, processor = toyworld.load(args.model)
-    report = weights.prune(model, weights.from_spec(spec), calibration=calibration)
-    return {"spec": spec, "prune_seconds": report.total_seconds, "sparsity": report.sparsity,
-            **evaluated(model, processor, args, dense)}
+def jobs_of(part: str, bench: Bench) -> tuple[str, dict]:
+    """The table a ``--part`` fills and its rows, label -> how to compute the row."""
+    if part in ("main50", "main60"):
+        keys = ("50%", "2:4") if part == "main50" else ("60%", "4:8")
+        return "main", {f"{m} {k}": (lambda s=f"{m}:{SETTINGS[k]}": bench.pruned(s)) for k in keys for m in METHODS}
+    if part == "pools":
+        return "pools", {k: (lambda s=s: bench.pruned(s)) for k, s in POOLS.items()}
+    if part == "selection":
+        return "selection", {k: (lambda s=s: bench.pruned(s)) for k, s in SELECTION.items()}
+    if part == "alpha":
+        return "alpha", {f"alpha={a}": (lambda s=f"atv:sparsity=0.5,alpha={a}": bench.pruned(s)) for a in ALPHAS}
+    if part == "mot":
+        return "mot", {f"{p} / {q}": (lambda p=p, q=q: bench.mot(p, q)) for p in MOT_PATHWAYS for q in MOT_POOLS}
+    if part == "time":
+        return "time", {m: (lambda s=f"{m}:sparsity=0.5": bench.timing(s)) for m in METHODS}
+    raise ValueError(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
 
 
-def mot_row(pathway: str, pool: str, args, calibration, dense) -> dict:
-    from vlmprune.weights.mot import to_mot
-
-    model, processor = toyworld.load(args.model)
-    report = to_mot(model).prune(pathway, weights.from_spec(f"wanda:sparsity={args.mot_sparsity},pool={pool}"),
-                                 calibration)
-    return {"spec": f"MoT {pathway} pathway, wanda:sparsity={args.mot_sparsity},pool={pool}",
-            "sparsity": report.sparsity, **evaluated(model, processor, args, dense)}
-
-
-def timing_row(spec: str, args, calibration) -> dict:
-    """Median over repeats of wall and process-CPU seconds (the CPU is shared, so CPU time is the
-    steadier of the two)."""
-    walls, cpus = [], []
-    for _ in range(args.repeats):
-        model, _ = toyworld.load(args.model)
-        cpu = time.process_time()
-        report = weights.prune(model, weights.from_spec(spec), calibration=calibration)
-        cpus.append(time.process_time() - cpu)
-        walls.append(report.total_seconds)
-    return {"spec": spec, "wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
-            "walls": walls, "cpus": cpus}
-
-
-def run(args) -> None:
+def run(args) -> Path:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    config = {"model": args.model, "limit": args.limit, "nsamples": args.nsamples, "threads": torch.get_num_threads(),
+    config = {"model": args.model, "limit": args.limit, "nsamples": args.nsamples, "mot_sparsity": args.mot_sparsity,
+              "repeats": args.repeats, "threads": torch.get_num_threads(),
               "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}"}
     results = Results(out_dir / "weights.json", config)
-    model, processor = toyworld.load(args.model)
-    calibration = toyworld.calibration(processor, n=args.nsamples)
-    dense_row = results.get("dense", "dense")
-    if dense_row is None:
-        dense_row = evaluated(model, processor, args, None)
-        results.put("dense", "dense", dense_row)
-    dense = dense_row["tasks"]
-
-    def rows(part: str, jobs: dict):
-        for label, job in jobs.items():
-            if results.get(part, label) is None:
-                print(f"[{part}] {label}", flush=True)
-                results.put(part, label, job())
-
+    bench = Bench(args, results)
     for part in args.part:
-        if part in ("main50", "main60"):
-            keys = ("50%", "2:4") if part == "main50" else ("60%", "4:8")
-            rows("main", {f"{m} {k}": (lambda s=f"{m}:{SETTINGS[k]}": prune_and_eval(s, args, calibration, dense))
-                          for k in keys for m in METHODS})
-        elif part == "pools":
-            rows("pools", {k: (lambda s=s: prune_and_eval(s, args, calibration, dense)) for k, s in POOLS.items()})
-        elif part == "selection":
-            rows("selection", {k: (lambda s=s: prune_and_eval(s, args, calibration, dense))
-                               for k, s in SELECTION.items()})
-        elif part == "alpha":
-            rows("alpha", {f"alpha={a}": (lambda s=f"atv:sparsity=0.5,alpha={a}": prune_and_eval(s, args, calibration, dense))
-                           for a in ALPHAS})
-        elif part == "mot":
-            rows("mot", {f"{p} / {q}": (lambda p=p, q=q: mot_row(p, q, args, calibration, dense))
-                         for p in ("text", "visual") for q in ("text", "visual", "mixed")})
-        elif part == "time":
-            rows("time", {m: (lambda s=f"{m}:sparsity=0.5": timing_row(s, args, calibration)) for m in METHODS})
-        elif part == "drift":
+        if part == "drift":
             from vlmprune.viz.drift import plot_drift
 
             if results.get("drift", "profile") is None:
-                profile = plot_drift(model, calibration, out_dir / "weights_drift.png")
+                profile = plot_drift(bench.model, bench.calibration, out_dir / "weights_drift.png")
                 results.put("drift", "profile", {"profile": profile})
-    (out_dir / "weights.md").write_text(markdown(results.data, args))
+            continue
+        table, jobs = jobs_of(part, bench)
+        for label, job in jobs.items():
+            if results.get(table, label) is None:
+                print(f"[{table}] {label}", flush=True)
+                results.put(table, label, job())
+    (out_dir / "weights.md").write_text(markdown(results.data))
+    return out_dir
 
 
 def _pct(value) -> str:
@@ -148,7 +180,16 @@ def _task_table(rows: list[tuple[str, dict]], first: str) -> list[str]:
     return lines
 
 
-def markdown(data: dict, args) -> str:
+def _retention_summary(main: dict) -> list[str]:
+    """Methods by setting, retention only: the paper's headline comparison in one table."""
+    lines = ["| method | " + " | ".join(SETTINGS) + " |", "|---" * (len(SETTINGS) + 1) + "|"]
+    for m in METHODS:
+        cells = [_pct(main[f"{m} {k}"].get("retention")) if f"{m} {k}" in main else "-" for k in SETTINGS]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(data: dict) -> str:
     rows = data["rows"]
     cfg = data["config"]
 
@@ -160,27 +201,32 @@ def markdown(data: dict, args) -> str:
            f"Model `{cfg['model']}`; {cfg['limit']} test items per task; {cfg['nsamples']} calibration samples "
            f"(toy caption pool: image + long caption); accuracy in %, retention = mean over tasks of pruned / dense "
            f"accuracy. Machine: {cfg['machine']}, {cfg['threads']} threads, CPU shared with other jobs.",
-           f"Every table is produced by {command} (`--part` picks tables; rows are cached in `weights.json`).", ""]
+           f"Every table is produced by {command} (`--part` picks tables; rows are cached in `weights.json`). "
+           "Every row prunes a copy of the same dense model with the same calibration samples; a setting that "
+           "several tables share (ATV at 50%, Wanda with the mixed pool) is one run shown in each.", ""]
     dense = rows.get("dense|dense")
     if dense:
         out += ["## Dense", ""] + _task_table([("dense", dense)], "model") + [""]
     main = dict(part("main"))
+    if main:
+        out += ["## Retention by method and sparsity (%)", ""] + _retention_summary(main) + [""]
     for setting in SETTINGS:
         chosen = [(m, main[f"{m} {setting}"]) for m in METHODS if f"{m} {setting}" in main]
         if chosen:
             out += [f"## {setting} {'unstructured' if '%' in setting else 'semi-structured'} sparsity", ""]
             out += _task_table(chosen, "method") + [""]
-    titles = {"pools": "## Calibration pools (Wanda at 50%; seed 002 Table A3)",
+    titles = {"pools": "## Calibration pools at 50%: Wanda under each pool, and ATV-Pruning (seed 002 Table A3)",
               "selection": "## Visual-token selection for ATV's calibration (50%; seed 002 A5)",
               "alpha": "## ATV alpha sweep (50%)",
-              "mot": f"## MoT probe: one pathway pruned with Wanda at {args.mot_sparsity:.0%}, by calibration pool"}
+              "mot": f"## MoT probe: one pathway pruned with Wanda at {cfg['mot_sparsity']:.0%}, by calibration pool"}
     for name, title in titles.items():
         if part(name):
             out += [title, ""] + _task_table(part(name), "pathway / pool" if name == "mot" else "setting") + [""]
     timing = part("time")
     if timing:
         wanda = dict(timing).get("wanda")
-        out += ["## Pruning time (50%, same calibration)", "",
+        out += [f"## Pruning time (50%; same model and calibration; a whole prune, capture included; "
+                f"median of {cfg['repeats']})", "",
                 "| method | wall s (median) | CPU s (median) | CPU / Wanda |", "|---|---|---|---|"]
         for label, row in timing:
             ratio = f"{row['cpu_s'] / wanda['cpu_s']:.2f}" if wanda else "-"
@@ -198,13 +244,21 @@ def markdown(data: dict, args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy-large")
-    parser.add_argument("--limit", type=int, default=50, help="test items per task")
-    parser.add_argument("--nsamples", type=int, default=64, help="calibration samples")
-    parser.add_argument("--repeats", type=int, default=3, help="timing repeats per method")
+    parser.add_argument("--limit", type=int, default=None, help="test items per task (default 50)")
+    parser.add_argument("--nsamples", type=int, default=None, help="calibration samples (default 64)")
+    parser.add_argument("--repeats", type=int, default=None, help="timing repeats per method (default 3)")
     parser.add_argument("--mot-sparsity", type=float, default=0.6)
     parser.add_argument("--part", type=lambda s: s.split(","), default=list(PARTS))
-    parser.add_argument("--out", default=str(OUT), help="directory for weights.json, weights.md and the plot")
-    run(parser.parse_args())
+    parser.add_argument("--out", default=None, help=f"directory for weights.json, weights.md and the plot (default {OUT})")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: 2 items per task, 4 calibration samples, 1 timing repeat, into {QUICK_OUT}")
+    args = parser.parse_args()
+    quick = {"limit": 2, "nsamples": 4, "repeats": 1, "out": QUICK_OUT}
+    full = {"limit": 50, "nsamples": 64, "repeats": 3, "out": OUT}
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    print(f"wrote {run(args) / 'weights.md'}")
 
 
 if __name__ == "__main__":

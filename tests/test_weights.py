@@ -267,3 +267,16 @@ def test_tamp_similarities_and_greedy_selection():
     assert everything.all()
     one = amia_select(unit, score, torch.tensor([-99.0]))          # loose threshold: the first pick suffices
     assert one[0].tolist() == [False, False, True, False]
+
+
+def test_one_capture_serves_several_prunes(calibration):
+    dense, _ = build_tiny("llava", seed=0)
+    captured = vp.weights.capture(dense, calibration)
+    hidden = [h.clone() for h in captured.hidden]
+    for spec in ("wanda:sparsity=0.5", "tamp:sparsity=0.5"):
+        reference, _ = pruned(spec, calibration)
+        model, _ = build_tiny("llava", seed=0)
+        prune(model, vp.weights.from_spec(spec), captured=captured)
+        for (name, got), want in zip(llm_linears(model).items(), llm_linears(reference).values()):
+            assert torch.equal(got.weight, want.weight), (spec, name)
+    assert all(torch.equal(a, b) for a, b in zip(captured.hidden, hidden))      # not consumed

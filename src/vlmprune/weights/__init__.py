@@ -11,7 +11,7 @@ from .atv import ATV
 from .base import WeightMethod
 from .magnitude import Magnitude
 from .sparsegpt import SparseGPT
-from .sequential import PruneReport, prune
+from .sequential import PruneReport, capture, prune
 from .tamp import TAMP
 from .wanda import Wanda
 
@@ -23,7 +23,7 @@ REGISTRY: dict[str, type[WeightMethod]] = {
     "atv": ATV,
 }
 
-__all__ = ["from_spec", "prune", "PruneReport", "REGISTRY", "WeightMethod", "Magnitude", "Wanda", "SparseGPT",
+__all__ = ["from_spec", "prune", "capture", "PruneReport", "REGISTRY", "WeightMethod", "Magnitude", "Wanda", "SparseGPT",
            "TAMP", "ATV"]
 
 

@@ -62,10 +62,11 @@ class MoTProbe:
     def route_sample(self, visual: torch.Tensor) -> None:
         self.router.visual = visual[None]
 
-    def prune(self, pathway: str, method, calibration: Sequence[Any], device=None) -> PruneReport:
-        """Prune only ``pathway``'s copies with ``method`` (its ``pool`` setting picks the tokens)."""
+    def prune(self, pathway: str, method, calibration: Sequence[Any], device=None, captured=None) -> PruneReport:
+        """Prune only ``pathway``'s copies with ``method`` (its ``pool`` setting picks the tokens);
+        ``captured`` as in :func:`~vlmprune.weights.sequential.prune`."""
         return prune(self.model, method, calibration=calibration, targets=self.targets(pathway), device=device,
-                     on_sample=self.route_sample)
+                     on_sample=self.route_sample, captured=captured)
 
 
 def to_mot(model: nn.Module) -> MoTProbe:

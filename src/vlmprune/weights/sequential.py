@@ -76,6 +76,15 @@ def capture_inputs(model: nn.Module, adapter, calibration: Sequence[Any], device
     return captured
 
 
+def capture(model: nn.Module, calibration: Sequence[Any], device: torch.device | str | None = None) -> BlockInputs:
+    """What LLM block 0 receives for each calibration sample. Pruning never changes the layers
+    before block 0, so one capture can serve every ``prune(..., captured=...)`` of copies of the
+    same model (a benchmark's rows), instead of running the vision tower again each time."""
+    from ..models import get_adapter
+
+    return capture_inputs(model, get_adapter(model), calibration, compute_device(model, device))
+
+
 def _output(result: Any) -> torch.Tensor:
     return result[0] if isinstance(result, (tuple, list)) else result
 
@@ -170,16 +179,17 @@ def compute_device(model: nn.Module, device: torch.device | str | None) -> torch
 
 def sweep(model: nn.Module, calibration: Sequence[Any], visit: Callable[[BlockContext], list[torch.Tensor] | None],
           *, device: torch.device | str | None = None, linears: list[dict[str, nn.Linear]] | None = None,
-          on_sample: Callable[[torch.Tensor], None] | None = None, desc: str = "blocks") -> None:
+          on_sample: Callable[[torch.Tensor], None] | None = None, desc: str = "blocks",
+          captured: BlockInputs | None = None) -> None:
     """Run the calibration samples block by block through the model as it is, calling ``visit``
     on each block. ``visit`` may return the block outputs it computed (else the engine computes
-    them); those outputs feed the next block."""
+    them); those outputs feed the next block. ``captured``: block-0 inputs from :func:`capture`."""
     from ..models import get_adapter
 
     adapter = get_adapter(model)
     device = compute_device(model, device)
     per_block = linears if linears is not None else select_linears(model, adapter, None, None)
-    inputs = capture_inputs(model, adapter, calibration, device)
+    inputs = captured if captured is not None else capture_inputs(model, adapter, calibration, device)
     for b in tqdm(range(len(adapter.llm_layers)), desc=desc, leave=False):
         block = adapter.llm_layers[b]
         with block_on(block, device):
@@ -220,11 +230,12 @@ class PruneReport:
 
 def prune(model: nn.Module, method, calibration: Sequence[Any] | None = None, *, targets: Sequence[str] | None = None,
           ignore: Sequence[str] | None = None, device: torch.device | str | None = None,
-          on_sample: Callable[[torch.Tensor], None] | None = None) -> PruneReport:
+          on_sample: Callable[[torch.Tensor], None] | None = None, captured: BlockInputs | None = None) -> PruneReport:
     """Prune ``model`` in place with ``method`` (a :class:`~vlmprune.weights.base.WeightMethod`).
 
     ``calibration``: list of processor outputs, one sample each (batch 1), image plus text.
     ``on_sample(visual_mask)`` runs before each sample enters a block (the MoT probe routes with it).
+    ``captured``: the calibration's block-0 inputs from :func:`capture`, reused instead of recomputed.
     """
     from ..models import get_adapter
 
@@ -247,11 +258,11 @@ def prune(model: nn.Module, method, calibration: Sequence[Any] | None = None, *,
                     report.record_block(linears)
                 report.block_seconds.append(time.perf_counter() - tic)
         else:
-            if not calibration:
+            if not calibration and captured is None:
                 raise VlmpruneError(f"{method.name} needs calibration samples: pass a non-empty calibration list")
             if method.needs_dense_sweep:
                 sweep(model, calibration, method.observe_dense, device=device, linears=per_block,
-                      on_sample=on_sample, desc=f"{method.name} dense sweep")
+                      on_sample=on_sample, desc=f"{method.name} dense sweep", captured=captured)
                 method.allocate(per_block)
 
             def visit(ctx: BlockContext) -> list[torch.Tensor]:
@@ -264,7 +275,7 @@ def prune(model: nn.Module, method, calibration: Sequence[Any] | None = None, *,
                 return outputs
 
             sweep(model, calibration, visit, device=device, linears=per_block, on_sample=on_sample,
-                  desc=f"{method.name} blocks")
+                  desc=f"{method.name} blocks", captured=captured)
     finally:
         model.train(was_training)
     report.total_seconds = time.perf_counter() - start
