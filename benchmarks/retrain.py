@@ -2,7 +2,10 @@
 same steps on the same batches, then compare step time, memory and accuracy.
 
     .venv/bin/python benchmarks/retrain.py [--model toy-large] [--spec ivtp:keep=0.11] [--steps 12]
-        [--batch-size 16] [--lr 1e-4] [--limit 16] [--out docs/results/retrain.md]
+        [--batch-size 16] [--lr 1e-4] [--limit 16] [--out docs/results]
+
+Writes ``OUT/retrain.md`` (the table, with the command and wall time in its header) and
+``OUT/retrain.json`` (every number behind it).
 
 The two settings run side by side, each in its own spawned process with one thread, so each resident
 set peak is its own and both see the same machine load. Each process fine-tunes (only the step is
@@ -14,8 +17,10 @@ directory; IVTP then needs ``--clip`` (the tower's toy-clip directory) and an ex
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -24,7 +29,7 @@ from contextlib import nullcontext
 from multiprocessing import get_context
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "docs" / "results" / "retrain.md"
+OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
 
 
 def build_method(spec: str | None, clip_dir: str | None, processor):
@@ -87,12 +92,12 @@ def markdown(settings: dict, spec: str, results: dict, command: str, wall_s: flo
 
     lines = [
         "# Retraining mode: fine-tuning with IVTP in the loop (IVTP Table 3 analogue)", "",
+        f"Command: `{command}`; wall time {wall_s / 60:.1f} min (numbers in `retrain.json`).", "",
         f"Model `{settings['model']}`, {settings['steps']} AdamW steps of batch {settings['batch_size']} "
         f"(lr {settings['lr']}, trainable `{settings['trainable']}`, vision tower frozen, seed {settings['seed']}: "
         "the same instruct-stage conversations for both settings), then exact match on the first "
         f"{settings['limit']} test items of every task. Both settings ran side by side, one thread each, "
-        f"on a shared {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}, torch threads 1); "
-        f"wall time {wall_s / 60:.1f} min.", "",
+        f"on a shared {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}, torch threads 1).", "",
         "Step time: forward (vision tower, IVTP's scoring and CLIP text relevance included), backward and "
         "optimizer step, median over the steps. Saved activations: the peak memory held by tensors saved "
         "for backward in one step (`saved_tensors_hooks`, each storage once). RSS growth: the rise of "
@@ -129,7 +134,7 @@ def markdown(settings: dict, spec: str, results: dict, command: str, wall_s: flo
     lines += ["", "Loss curves (per step):", ""]
     for name, result in rows:
         lines.append(f"- `{name}`: " + " ".join(f"{x:.3f}" for x in result["report"]["losses"]))
-    lines += ["", "Command:", "", f"    {command}", ""]
+    lines += [""]
     return "\n".join(lines)
 
 
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainable", default="llm", choices=("llm", "projector+llm"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=16, help="test items per task")
-    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--out", type=Path, default=OUT, help="directory for retrain.md and retrain.json")
     args = parser.parse_args(argv)
     settings = {"model": args.model, "clip": args.clip, "steps": args.steps, "batch_size": args.batch_size,
                 "lr": args.lr, "trainable": args.trainable, "seed": args.seed, "limit": args.limit}
@@ -152,11 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
         futures = {"dense": pool.submit(run_setting, settings, None), args.spec: pool.submit(run_setting, settings, args.spec)}
         results = {name: future.result() for name, future in futures.items()}
-    command = "python benchmarks/retrain.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = markdown(settings, args.spec, results, command.strip(), time.time() - began)
+    wall_s = time.time() - began
+    command = shlex.join(["python", "benchmarks/retrain.py", *(sys.argv[1:] if argv is None else argv)])
+    text = markdown(settings, args.spec, results, command, wall_s)
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "retrain.json").write_text(json.dumps(
+        {"settings": settings, "spec": args.spec, "command": command, "wall_seconds": wall_s, "results": results},
+        indent=1))
+    (args.out / "retrain.md").write_text(text)
     return 0
 
 

@@ -1,10 +1,13 @@
 """Visual-token pruning on the toy world: retention against counted FLOPs for every method at 50, 25,
 11 and 3% of the visual tokens; IVTP's ablations; IVTP's FLOPs by part; the toy CLIP's threshold.
 
-    .venv/bin/python benchmarks/token_results.py [--model toy-large] [--limit 100] [--part all]
+    .venv/bin/python benchmarks/token_results.py [--model toy-large] [--limit 100] [--part all] [--out DIR]
 
-Results go to ``docs/results/tokens.json`` as they arrive (a rerun skips what is there), then to
-``docs/results/tokens.md`` and ``docs/results/tokens_tradeoff.png``.
+Results go to ``DIR/tokens.json`` (default ``docs/results``) as they arrive (a rerun with the same
+model, item count and answer length skips what is there), then to ``DIR/tokens.md`` and
+``DIR/tokens_tradeoff.png``. The dense model is evaluated once and is the reference of every run;
+settings that name the same configuration (``ivtp:keep=11`` and ``ivtp:keep=11,rollout=residual``)
+share one evaluation and one FLOP count.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -27,14 +31,17 @@ from vlmprune.models import get_adapter
 BUDGETS = (0.5, 0.25, 0.11, 0.03)
 ABLATION_KEEP = 0.11
 OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
+TAUS = (-0.1, 0.0, 0.1, 0.2, 0.3, 0.5)
+GROUPS = (2, 3, 4, 6, "all")
+LLM_DEPTHS = (1, 2, 3, 4, 6)
 
 
-def method_specs(keep: int, feature_layer: int) -> dict[str, str]:
-    """Every method at a final count of ``keep`` visual tokens (vision methods prune at every layer
-    up to the one the LLM reads, as in IVTP's comparisons)."""
-    vision_layers = "/".join(str(layer) for layer in range(1, feature_layer + 2))
+def method_specs(keep: int, vision_layers: int) -> dict[str, str]:
+    """Every method at a final count of ``keep`` visual tokens (vision methods prune after every one
+    of the ``vision_layers`` tower layers up to the one the LLM reads, as in IVTP's comparisons)."""
+    random_layers = "/".join(str(layer) for layer in range(1, vision_layers + 1))
     return {
-        "random": f"random:keep={keep},where=vision,layers={vision_layers}",
+        "random": f"random:keep={keep},where=vision,layers={random_layers}",
         "topk": f"topk:keep={keep}",
         "pooling": f"pooling:keep={keep}",
         "downsample": f"downsample:keep={keep}",
@@ -49,19 +56,34 @@ def method_specs(keep: int, feature_layer: int) -> dict[str, str]:
     }
 
 
-def ablation_specs(keep: int) -> dict[str, dict[str, str]]:
-    """IVTP's ablation tables (the paper's Tables 4-8 and supplementary Tables 4, 6, 7)."""
+def ablation_specs(keep: int, vision_layers: int, llm_layers: int) -> dict[str, dict[str, str]]:
+    """IVTP's ablation tables (the paper's Tables 4-8 and supplementary Tables 4, 6, 7), each row
+    labelled with the layers it prunes after where that is what changes. ``vision_layers``: the
+    tower layers up to the one the LLM reads; ``llm_layers``: the decoder's depth."""
+    from vlmprune.tokens.methods.ivtp import TAU_TOY_CLIP
+    from vlmprune.tokens.scorers import group_ends
+
     base = f"ivtp:keep={keep}"
+
+    def after(last: int, every: int) -> str:
+        return "/".join(str(layer) for layer in group_ends(last, every))
+
     return {
-        "attention source and aggregation": {v: f"{base},rollout={v}" for v in
-                                             ("residual", "layer", "group-mean", "mean", "max", "multiply")},
-        "group size (ViT layers per pruning step)": {str(g): f"{base},group={g}" for g in (2, 3, 4, "all")},
+        "attention source (group of 3)": {"rollout": base, "single layer (the group's last)": f"{base},rollout=layer",
+                                          "group mean": f"{base},rollout=group-mean"},
+        "rollout aggregation": {v: f"{base},rollout={v}" for v in ("residual", "mean", "max", "multiply")},
+        "group size (ViT layers per pruning step)": {
+            f"{g} (prunes after ViT layer {after(vision_layers, vision_layers if g == 'all' else g)})":
+                f"{base},group={g}" for g in GROUPS},
         "instruction components": {"vision only (IVTP-V)": f"{base},llm=false", "OTT": f"{base},instruction=ott",
                                    "OTT+RT": f"{base},instruction=ott+rt", "OTT+TE+RT": base},
         "pseudo-[CLS]": {"LLM embeddings": base, "CLIP text embeddings": f"{base},pcls=clip",
                          "hybrid visual+text": f"{base},pcls=hybrid", "visual [CLS] only": f"{base},pcls=visual"},
-        "relevance threshold tau": {str(t): f"{base},tau={t}" for t in (-0.1, 0.0, 0.1, 0.2, 0.3)},
-        "LLM pruning layers": {str(n): f"{base},llm_layers={n}" for n in (1, 2, 3, 4, 6)},
+        "relevance threshold tau": {f"{t}{' (toy default)' if t == TAU_TOY_CLIP else ''}": f"{base},tau={t}"
+                                    for t in TAUS},
+        "LLM pruning layers (groups of 3)": {
+            f"{n} (prunes after LLM layer {after(n, 3)})": f"{base},llm_layers={n}"
+            for n in LLM_DEPTHS if n < llm_layers},
     }
 
 
@@ -102,19 +124,26 @@ def calibrate_tau(limit: int) -> dict:
     return {"tau": tau, "balanced_accuracy": accuracy, "by_kind": summary, "items_per_task": limit}
 
 
-def jobs(n_visual: int, feature_layer: int) -> list[tuple[str, str, str]]:
+def jobs(n_visual: int, vision_layers: int, llm_layers: int) -> list[tuple[str, str, str]]:
     """(section, label, spec) in the order they run: the comparison at 11% first (the claim to
     check), then the other budgets, then the ablations; a run cut short still reports the first."""
     order = (ABLATION_KEEP, 0.25, 0.03, 0.5)
     first = ("ivtp", "topk", "random", "tome", "fastv")
     queue = []
     for budget in order:
-        specs = method_specs(max(1, round(budget * n_visual)), feature_layer)
+        specs = method_specs(max(1, round(budget * n_visual)), vision_layers)
         names = sorted(specs, key=lambda name: first.index(name) if name in first else len(first))
         queue += [("main", f"{name}@{budget}", specs[name]) for name in names]
-    for title, table in ablation_specs(round(ABLATION_KEEP * n_visual)).items():
+    for title, table in ablation_specs(round(ABLATION_KEEP * n_visual), vision_layers, llm_layers).items():
         queue += [(title, label, spec) for label, spec in table.items()]
     return queue
+
+
+def canonical(spec: str) -> str:
+    """The method's own SPEC, every setting spelled out: one key per distinct configuration (a key,
+    not always parseable back: list settings print as lists)."""
+    from vlmprune.tokens import from_spec
+    return from_spec(spec).spec()
 
 
 def run(args, on_result) -> dict:
@@ -122,10 +151,15 @@ def run(args, on_result) -> dict:
     from vlmprune.models.presets import Preset, default_image_size
     from vlmprune.tokens import from_spec
 
-    path = OUT / "tokens.json"
+    began = time.time()
+    path = args.out / "tokens.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    if results.get("setup", {}).get("model") != args.model or results["setup"].get("limit_per_task") != args.limit:
-        results = {}                      # a different model or item count: start afresh
+    setup = results.get("setup", {})
+    if (setup.get("model"), setup.get("limit_per_task"), setup.get("max_new_tokens")) != \
+            (args.model, args.limit, args.max_new_tokens):
+        results = {}                      # a different model, item count or answer length: start afresh
+    earlier_seconds = results.get("setup", {}).get("wall_seconds", 0.0)
+    invocations = results.get("setup", {}).get("invocations", 0) + 1
     results.setdefault("runs", {})
     model, processor = toyworld.load(args.model)
     adapter = get_adapter(model)
@@ -138,37 +172,41 @@ def run(args, on_result) -> dict:
                         "text_tokens": text_tokens, "max_new_tokens": args.max_new_tokens,
                         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                                    f"torch {torch.__version__}",
-                        "command": " ".join(["python", "benchmarks/token_results.py", *sys.argv[1:]])}
+                        "command": args.command, "wall_seconds": earlier_seconds, "invocations": invocations}
 
     def save() -> None:
-        OUT.mkdir(parents=True, exist_ok=True)
+        results["setup"]["wall_seconds"] = earlier_seconds + time.time() - began
+        args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1))
         on_result(results)
 
-    def measure(spec: str | None) -> None:
-        key = spec or "dense"
+    def measure(key: str, spec: str | None) -> None:
         if key in results["runs"]:
             return
-        began = time.time()
+        started = time.time()
+        reference = results["runs"]["dense"]["tasks"] if spec else None
         result = evaluate(model, processor, tokens=spec, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                          measure=False, progress=False)
+                          reference=reference, measure=False, progress=False)
         result["flops"] = count_flops(preset, text_tokens, from_spec(spec) if spec else None).flops.as_dict()
-        result["seconds"] = time.time() - began
+        result["seconds"] = time.time() - started
         results["runs"][key] = result
         save()
-        print(f"{key:60s} avg {result['average']:.3f} retention {result['retention'] or 100:.1f} "
+        print(f"{spec or 'dense':60s} avg {result['average']:.3f} retention {result['retention'] or 100:.1f} "
               f"GFLOPs {result['flops']['total'] / 1e9:.3f} ({result['seconds']:.0f} s)", flush=True)
 
     if args.part in ("all", "calibrate") and "calibration" not in results:
         results["calibration"] = calibrate_tau(args.calibration_items)
         results["calibration"]["text_encoder_flops"] = text_encoder_flops(question)
         save()
-    measure(None)
-    results.setdefault("tables", {})
-    for section, label, spec in jobs(rows * cols, adapter.vision_feature_layer):
+    measure("dense", None)
+    results["tables"] = {}                # every table, so that a partial rerun still reports them all
+    queue = jobs(rows * cols, adapter.vision_feature_layer + 1, model.config.text_config.num_hidden_layers)
+    for section, label, spec in queue:
+        results["tables"].setdefault(section, {})[label] = canonical(spec)
+    for section, label, spec in queue:
         if args.part in ("all", "main" if section == "main" else "ablations"):
-            results["tables"].setdefault(section, {})[label] = spec
-            measure(spec)
+            measure(results["tables"][section][label], spec)
+    save()
     return results
 
 
@@ -262,7 +300,10 @@ def report(results: dict) -> str:
              f"{setup['max_new_tokens']} tokens. Retention = mean over tasks of pruned / dense accuracy on the same "
              "items. FLOPs are counted for one prefill on a meta copy of the model (METHODS.md section 4); "
              "`extra` is what scoring costs (attention reads, rollout, similarity, the CLIP text encoder).",
-             f"Machine: {setup['machine']}. Command: `{setup['command']}` (results in `tokens.json`).", "",
+             f"Machine: {setup['machine']}.", "",
+             f"Command: `{setup['command']}`; wall time {setup.get('wall_seconds', 0) / 60:.1f} min"
+             + (f" over {setup['invocations']} invocations (a rerun resumes from `tokens.json`)"
+                if setup.get("invocations", 1) > 1 else "") + ".", "",
              f"Dense: average accuracy {100 * dense['average']:.1f}%, {_flops(dense)} GFLOPs "
              f"(vision {dense['flops']['vision'] / 1e9:.3f}, LLM {dense['flops']['llm'] / 1e9:.3f}).", "",
              IMPLEMENTATION_NOTES]
@@ -308,40 +349,49 @@ def report(results: dict) -> str:
         lines += [f"| {label} | {100 * run['average']:.1f} | {run['retention'] or 0:.1f} | {_flops(run)} |"
                   for label, run in done.items()]
         lines += [""]
-    picks = {"dense": dense, **{f"{name} {int(100 * ABLATION_KEEP)}%": grid[name][ABLATION_KEEP]
-                                for name in ("ivtp", "topk", "tome", "fastv", "random")
-                                if ABLATION_KEEP in grid.get(name, {})}}
-    lines += ["## FLOPs by part (GFLOPs)", "", "| run | vision | projector | llm | extra | total |",
-              "|---|---|---|---|---|---|"]
+    picks = {"dense": dense,
+             **{f"ivtp {int(100 * b)}%": grid["ivtp"][b] for b in BUDGETS if b in grid.get("ivtp", {})},
+             **{f"{name} {int(100 * ABLATION_KEEP)}%": grid[name][ABLATION_KEEP]
+                for name in ("topk", "tome", "fastv", "random") if ABLATION_KEEP in grid.get(name, {})}}
+    lines += ["## FLOPs by part (GFLOPs)", "",
+              "IVTP at every budget, then the rivals of the claim at 11%. `extra`: scoring (attention reads, "
+              "rollout, the CLIP text encoder on the placeholder prompt).", "",
+              "| run | vision | projector | llm | extra | total |", "|---|---|---|---|---|---|"]
     lines += [f"| {label} | " + " | ".join(f"{run['flops'][p] / 1e9:.4f}" for p in
                                          ("vision", "projector", "llm", "extra", "total")) + " |"
               for label, run in picks.items()]
     return "\n".join(lines) + "\n"
 
 
-def write(results: dict) -> None:
+def write(results: dict, out: Path) -> None:
     if "dense" not in results["runs"]:
         return
     if _main_grid(results):
-        plot(results, OUT / "tokens_tradeoff.png")
-    (OUT / "tokens.md").write_text(report(results))
+        plot(results, out / "tokens_tradeoff.png")
+    (out / "tokens.md").write_text(report(results))
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="toy-large")
     parser.add_argument("--limit", type=int, default=100, help="test items per task")
     parser.add_argument("--max-new-tokens", type=int, default=3, help="toy answers are a word and </s>")
     parser.add_argument("--calibration-items", type=int, default=40, help="questions per task for tau")
     parser.add_argument("--part", choices=("all", "main", "ablations", "calibrate"), default="all")
+    parser.add_argument("--out", type=Path, default=OUT, help="directory for tokens.json, tokens.md and the plot")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 is fastest on a CPU shared with other jobs)")
     parser.add_argument("--report-only", action="store_true", help="rewrite tokens.md from tokens.json")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.command = shlex.join(["python", "benchmarks/token_results.py", *(sys.argv[1:] if argv is None else argv)])
     torch.manual_seed(0)
     if args.report_only:
-        write(json.loads((OUT / "tokens.json").read_text()))
+        write(json.loads((args.out / "tokens.json").read_text()), args.out)
     else:
-        run(args, on_result=write)
-    print(f"wrote {OUT / 'tokens.md'}")
+        run(args, on_result=lambda results: write(results, args.out))
+    print(f"wrote {args.out / 'tokens.md'}")
     return 0
 
 
