@@ -89,6 +89,17 @@ def greedy_without_cache(model, inputs, steps):
     return torch.cat(new, 1)
 
 
+def test_a_method_without_reduce_cannot_be_built():
+    class SitesOnly(TokenMethod):
+        name = "sites-only"
+
+        def sites(self, plan):
+            return [Site("llm", 0)]
+
+    with pytest.raises(TypeError, match="reduce"):
+        SitesOnly()
+
+
 def test_keeping_every_token_reproduces_dense_logits(tiny, family):
     model, make_inputs = tiny(family)
     inputs = make_inputs(text_lens=(3, 6))

@@ -6,6 +6,7 @@ no hooks and reaches the model only through the adapter in its context. At every
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -84,8 +85,9 @@ class SiteContext:
     adapter: Any = None
 
 
-class TokenMethod:
-    """Base class: subclasses set ``name`` and implement :meth:`sites` and :meth:`reduce`.
+class TokenMethod(ABC):
+    """Base class: subclasses set ``name`` and implement :meth:`sites` and :meth:`reduce` (a class
+    that lacks either cannot be instantiated).
 
     ``keep`` follows the project convention: an int >= 1 is a count of visual tokens kept at the
     end, a float in (0, 1) a fraction of the visual tokens present.
@@ -93,15 +95,17 @@ class TokenMethod:
 
     name: str = ""
 
+    @abstractmethod
     def sites(self, plan: ModelPlan) -> list[Site]:
-        raise NotImplementedError
+        """Where this method prunes on a model of this ``plan``."""
 
     def recorded_layers(self, site: Site, plan: ModelPlan) -> list[int]:
         """Layers (same tower as ``site``) whose q/k/v the engine must record before ``site``."""
         return []
 
+    @abstractmethod
     def reduce(self, ctx: SiteContext) -> Reduction:
-        raise NotImplementedError
+        """Which visual tokens go on from ``ctx.site`` (and, for merging methods, their new states)."""
 
     def scoring_token(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
         """Optional (B, D) LLM-space embedding of a scoring-only token (IVTP's pseudo-[CLS]).
