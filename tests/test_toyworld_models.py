@@ -5,7 +5,6 @@ import math
 import os
 import random
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -19,8 +18,8 @@ from vlmprune.toyworld import configs
 from vlmprune.toyworld.processor import build_processor
 from vlmprune.toyworld.tokenizers import build_clip_tokenizer, build_llm_tokenizer, corpus
 from vlmprune.toyworld.train import (ClipTrainer, SequenceBuilder, StageSettings, _clip_batch, _lvlm_batch,
-                                     accuracy_by_task, grounding_words, lookup_loss, lvlm_losses, named_patches,
-                                     new_lvlm, pixel_values, train, vision_features)
+                                     accuracy_by_task, grounding_words, lookup_loss, lvlm_losses, new_lvlm,
+                                     pixel_values, train, vision_features)
 
 MICRO = {"toy-clip": "micro", "toy-large": "micro", "toy-small": "micro"}
 
@@ -74,30 +73,21 @@ def test_micro_clip_and_lvlm_losses_decrease(tokenizers):
     assert torch.allclose(direct, manual, atol=1e-5)
 
 
-def test_named_patches_follow_the_question_stem():
-    # Four patches: a red circle (1), a blue star (2), background (3), another red circle patch (4).
-    labels = {"shape": np.array([1, 6, 0, 1]), "colour": np.array([1, 3, 0, 1])}
-    assert named_patches("what colour is the star?", labels).tolist() == [False, True, False, False]
-    assert named_patches("is the circle left of the star?", labels).tolist() == [True, True, False, True]
-    # Shapes win over colours; an absent shape falls back to the colour; options are not names.
-    assert named_patches("is there a red star?", labels).tolist() == [False, True, False, False]
-    assert named_patches("is there a red cross?", labels).tolist() == [True, False, False, True]
-    assert named_patches("which shape is blue? A. circle B. star answer with the letter.", labels).tolist() == \
-        [False, True, False, False]
-    assert named_patches("how many objects are there?", labels) is None
-
-
-def test_lookup_loss_is_minus_log_of_the_mass_on_the_named_patches():
-    # One sequence: [text, image, image, image, text]; two layers, two heads; the middle layer is layer 1.
-    is_image = torch.tensor([[False, True, True, True, False]])
-    weights = torch.zeros(1, 2, 5, 5)
-    weights[0, 0, 4] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])
-    attentions = (torch.full((1, 2, 5, 5), 0.2), weights)
-    lookups = {"rows": torch.tensor([0]), "positions": torch.tensor([4]),
-               "targets": torch.tensor([[True, False, True]])}
-    assert lookup_loss(attentions, is_image, lookups).item() == pytest.approx(-math.log(0.6))
+def test_lookup_loss_is_minus_log_of_the_mass_each_word_puts_on_what_it_names():
+    # [image x3, "red", "star", "blue"]: image token 5; colour words red=10 blue=11, shape word star=20.
+    input_ids = torch.tensor([[5, 5, 5, 10, 20, 11]])
+    words = {"colour": torch.tensor([10, 11]), "shape": torch.tensor([20])}
+    targets = {"colour": torch.tensor([[1, 1, 1]]), "shape": torch.tensor([[0, 1, 0]])}  # red, red, red; a star
+    targets["colour"][0, 1] = 0  # the middle patch is background for colour: red patches are 0 and 2
+    first = torch.zeros(1, 2, 6, 6)
+    first[0, 0, 3, :3] = torch.tensor([0.1, 0.2, 0.3])  # "red": 0.4 on the red patches
+    first[0, 0, 4, :3] = torch.tensor([0.5, 0.2, 0.1])  # "star": 0.2 on the star
+    first[0, 0, 5, :3] = torch.tensor([0.3, 0.3, 0.3])  # "blue" names nothing in this image: no term
+    attentions = (first, torch.full((1, 2, 6, 6), 1 / 6))
+    loss = lookup_loss(attentions, input_ids, 5, targets, words)
+    assert loss.item() == pytest.approx(-(math.log(0.4) + math.log(0.2)) / 2, rel=1e-5)
     with pytest.raises(VlmpruneError, match="eager"):
-        lookup_loss((None, None), is_image, lookups)
+        lookup_loss((None, None), input_ids, 5, targets, words)
 
 
 def test_micro_train_writes_loadable_float16_checkpoints(tmp_path):

@@ -31,7 +31,7 @@ from transformers import CLIPModel, LlavaForConditionalGeneration
 from ..errors import VlmpruneError
 from . import configs
 from .processor import CLIP_MEAN, CLIP_STD, build_processor, build_prompt
-from .scenes import COLOURS, GLYPHS, GRID, MAX_OBJECTS, PATCH_LABELS, SHAPES, patch_labels, render, sample_scene
+from .scenes import COLOURS, GLYPHS, MAX_OBJECTS, PATCH_LABELS, SHAPES, patch_labels, render, sample_scene
 from .tasks import TASKS, TEST_OBJECTS, ask, caption, sample_item
 from .tokenizers import build_clip_tokenizer, build_llm_tokenizer, corpus
 
@@ -41,7 +41,7 @@ CAPTION_INSTRUCTION = "describe the image."
 CONCEPTS = tuple(COLOURS) + SHAPES + GLYPHS  # the words whose CLIP relevance should follow the image
 GROUNDED = {"colour": tuple(COLOURS), "shape": SHAPES, "glyph": GLYPHS}  # patch labels named by LLM words
 GROUNDING_TEMPERATURE = 0.1
-LOOKUP_HEAD = 0  # the head of the middle LLM layer that the lookup loss shows where to look
+LOOKUP_HEAD = 0  # the head of the first LLM layer that the lookup loss shows where to look
 
 
 @dataclass
@@ -57,7 +57,7 @@ class StageSettings:
 DEFAULT_SETTINGS = {
     "toy-clip": {"clip": StageSettings(steps=1800, batch=32, lr=2e-3, warmup=50)},
     "toy-large": {"caption": StageSettings(steps=200, batch=24, lr=1.5e-3, warmup=30),
-                  "instruct": StageSettings(steps=1200, batch=24, lr=1e-3, warmup=30)},
+                  "instruct": StageSettings(steps=1000, batch=24, lr=1e-3, warmup=30)},
     "toy-small": {"caption": StageSettings(steps=200, batch=24, lr=1.5e-3, warmup=30),
                   "instruct": StageSettings(steps=2000, batch=24, lr=1e-3, warmup=30)},
 }
@@ -283,7 +283,7 @@ class SequenceBuilder:
 
 
 def _lvlm_batch(rng: random.Random, builder: SequenceBuilder, stage: str, batch: int, max_objects: int):
-    scenes, sequences, questions = [], [], []
+    scenes, sequences = [], []
     for _ in range(batch):
         scene = sample_scene(rng, rng.randint(1, max_objects))
         if stage == "caption" or rng.random() < 0.15:
@@ -296,45 +296,12 @@ def _lvlm_batch(rng: random.Random, builder: SequenceBuilder, stage: str, batch:
                     turns.append(posed[:2])
             turns = turns or [(CAPTION_INSTRUCTION, caption(scene, rng))]
         scenes.append(scene)
-        questions.append([question for question, _ in turns])
         sequences.append(builder.conversation(turns))
     rendered = [render(scene) for scene in scenes]
     labels = [patch_labels(scene, index_map) for scene, (_, index_map) in zip(scenes, rendered)]
     batch = builder.pad(sequences)
     batch["patch_targets"] = {name: torch.from_numpy(np.stack([lab[name] for lab in labels])) for name in GROUNDED}
-    batch["lookups"] = _lookups(batch["labels"], questions, labels)
     return pixel_values([image for image, _ in rendered]), batch
-
-
-def named_patches(question: str, labels: dict[str, np.ndarray]) -> np.ndarray | None:
-    """The patches of the objects a question names: by shape (shapes are unique in a scene), else by colour.
-
-    Options of a multiple-choice question are not names of objects to look at, only its stem counts.
-    None when the question names no object that is in the scene ("how many objects are there?").
-    """
-    words = set(re.findall(r"[a-z]+", question.split(" A. ")[0].lower()))
-    shapes = [SHAPES.index(w) + 1 for w in words if w in SHAPES]
-    colours = [tuple(COLOURS).index(w) + 1 for w in words if w in COLOURS]
-    for label, ids in (("shape", shapes), ("colour", colours)):
-        mask = np.isin(labels[label], ids)
-        if mask.any():
-            return mask
-    return None
-
-
-def _lookups(token_labels: torch.Tensor, questions: list[list[str]], labels: list[dict]) -> dict:
-    """Where each answer is predicted (the last prompt token of its turn) and the patches its question names."""
-    starts = (token_labels[:, :-1] == -100) & (token_labels[:, 1:] != -100)
-    rows, positions, targets = [], [], []
-    for row, (turn_questions, patch_label) in enumerate(zip(questions, labels)):
-        for position, question in zip(starts[row].nonzero().flatten().tolist(), turn_questions):
-            mask = named_patches(question, patch_label)
-            if mask is not None:
-                rows.append(row)
-                positions.append(position)
-                targets.append(torch.from_numpy(mask))
-    return {"rows": torch.tensor(rows, dtype=torch.long), "positions": torch.tensor(positions, dtype=torch.long),
-            "targets": torch.stack(targets) if targets else torch.zeros(0, GRID * GRID, dtype=torch.bool)}
 
 
 def vision_features(model: LlavaForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
@@ -365,12 +332,12 @@ def lvlm_losses(model: LlavaForConditionalGeneration, features: torch.Tensor, ba
     image = model.model.multi_modal_projector(features)
     mask = (batch["input_ids"] == model.config.image_token_id)[..., None].expand_as(embeds)
     embeds = embeds.masked_scatter(mask, image.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
-    lookups = batch.get("lookups") if words is not None else None
     forward = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    output_attentions=lookups is not None)
+                    output_attentions=words is not None)
     out = {"text": forward.loss}
-    if lookups is not None:
-        out["lookup"] = lookup_loss(forward.attentions, batch["input_ids"] == model.config.image_token_id, lookups)
+    if words is not None:
+        out["lookup"] = lookup_loss(forward.attentions, batch["input_ids"], model.config.image_token_id,
+                                    batch["patch_targets"], words)
     if words is not None:
         patches = F.normalize(image.float(), dim=-1)
         terms = []
@@ -384,23 +351,34 @@ def lvlm_losses(model: LlavaForConditionalGeneration, features: torch.Tensor, ba
     return out
 
 
-def lookup_loss(attentions, is_image: torch.Tensor, lookups: dict) -> torch.Tensor:
-    """Minus the log of the attention mass that one head, where an answer is predicted, puts on the patches
-    of the objects its question names.
+def lookup_loss(attentions, input_ids: torch.Tensor, image_token_id: int, patch_targets: dict[str, torch.Tensor],
+                words: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each word that names something in the image (a colour, shape or digit) looks at it: minus the log of
+    the attention mass that head 0 of the first LLM layer, at that word, puts on the patches it names.
 
-    Grounding makes a patch resemble the words naming it, but the LLM still has to learn to use a word of
-    the question as the query that finds those patches; the answers alone taught it that so slowly that
-    every task needing it stayed at chance. Head 0 of the middle layer is shown where to look, which leaves
-    earlier layers to bring the question to the answer position and later ones to read what was found.
+    Grounding makes a patch resemble the words naming it, but answering "what colour is the star?" also
+    needs the LLM to use the word as a query that finds those patches; the answers alone taught that so
+    slowly that every task needing it stayed at chance. Once the word "star" has gathered the star's
+    patches, later layers only move what it found to the answer, as they would from any earlier word.
     Needs eager attention (``model.set_attn_implementation("eager")``) to see the weights.
     """
     if not attentions or any(a is None for a in attentions):
         raise VlmpruneError("the lookup loss needs attention weights: set the model's attention to 'eager'")
-    if len(lookups["rows"]) == 0:
-        return attentions[0].new_zeros(())
-    weights = attentions[len(attentions) // 2][lookups["rows"], LOOKUP_HEAD, lookups["positions"]]  # (n, L)
-    image_columns = is_image.nonzero()[:, 1].view(is_image.shape[0], -1)[lookups["rows"]]      # (n, patches)
-    mass = (weights.float().gather(1, image_columns) * lookups["targets"]).sum(dim=1)
+    is_image = input_ids == image_token_id
+    image_columns = is_image.nonzero()[:, 1].view(input_ids.shape[0], -1)                     # (B, patches)
+    weights = attentions[0][:, LOOKUP_HEAD].float()                                              # (B, L, L)
+    on_image = weights.gather(2, image_columns[:, None, :].expand(-1, weights.shape[1], -1))   # (B, L, patches)
+    masses = []
+    for name, ids in words.items():
+        classes = torch.zeros(int(max(ids.max(), input_ids.max())) + 1, dtype=torch.long)
+        classes[ids] = torch.arange(1, len(ids) + 1)
+        named = classes[input_ids]                                                                # (B, L)
+        targets = (named[..., None] == patch_targets[name][:, None, :]) & (named > 0)[..., None]
+        found = targets.any(dim=-1)
+        masses.append((on_image * targets)[found].sum(dim=-1))
+    mass = torch.cat(masses)
+    if mass.numel() == 0:
+        return weights.new_zeros(())
     return -torch.log(mass.clamp(min=1e-6)).mean()
 
 
