@@ -18,7 +18,7 @@ from vlmprune.toyworld import configs
 from vlmprune.toyworld.processor import build_processor
 from vlmprune.toyworld.tokenizers import build_clip_tokenizer, build_llm_tokenizer, corpus
 from vlmprune.toyworld.train import (ClipTrainer, SequenceBuilder, StageSettings, _clip_batch, _lvlm_batch,
-                                     accuracy_by_task, grounding_words, lookup_loss, lvlm_losses, new_lvlm,
+                                     accuracy_by_task, grounding_words, lookup_losses, lvlm_losses, new_lvlm,
                                      pixel_values, train, vision_features)
 
 MICRO = {"toy-clip": "micro", "toy-large": "micro", "toy-small": "micro"}
@@ -58,7 +58,7 @@ def test_micro_clip_and_lvlm_losses_decrease(tokenizers):
     losses = []
     for _ in range(8):
         parts = lvlm_losses(model, vision_features(model, pixels), batch, words)
-        assert set(parts) == {"text", "grounding", "lookup"}
+        assert set(parts) == {"text", "grounding", "lookup", "answer_lookup"}
         loss = sum(parts.values())
         losses.append(loss.item())
         optimizer.zero_grad()
@@ -73,21 +73,24 @@ def test_micro_clip_and_lvlm_losses_decrease(tokenizers):
     assert torch.allclose(direct, manual, atol=1e-5)
 
 
-def test_lookup_loss_is_minus_log_of_the_mass_each_word_puts_on_what_it_names():
-    # [image x3, "red", "star", "blue"]: image token 5; colour words red=10 blue=11, shape word star=20.
-    input_ids = torch.tensor([[5, 5, 5, 10, 20, 11]])
+def test_lookup_losses_are_minus_log_of_the_attention_mass_on_what_is_named():
+    # [image x3, "red", "star", "blue", ":", answer "red"]: image token 5; red=10, blue=11, star=20, ":"=7.
+    input_ids = torch.tensor([[5, 5, 5, 10, 20, 11, 7, 10]])
+    labels = torch.tensor([[-100] * 7 + [10]])
     words = {"colour": torch.tensor([10, 11]), "shape": torch.tensor([20])}
-    targets = {"colour": torch.tensor([[1, 1, 1]]), "shape": torch.tensor([[0, 1, 0]])}  # red, red, red; a star
-    targets["colour"][0, 1] = 0  # the middle patch is background for colour: red patches are 0 and 2
-    first = torch.zeros(1, 2, 6, 6)
-    first[0, 0, 3, :3] = torch.tensor([0.1, 0.2, 0.3])  # "red": 0.4 on the red patches
-    first[0, 0, 4, :3] = torch.tensor([0.5, 0.2, 0.1])  # "star": 0.2 on the star
-    first[0, 0, 5, :3] = torch.tensor([0.3, 0.3, 0.3])  # "blue" names nothing in this image: no term
-    attentions = (first, torch.full((1, 2, 6, 6), 1 / 6))
-    loss = lookup_loss(attentions, input_ids, 5, targets, words)
-    assert loss.item() == pytest.approx(-(math.log(0.4) + math.log(0.2)) / 2, rel=1e-5)
+    targets = {"colour": torch.tensor([[1, 0, 1]]), "shape": torch.tensor([[0, 1, 0]])}  # red patches 0, 2; star 1
+    first = torch.zeros(1, 2, 8, 8)
+    first[0, 0, 3, :3] = torch.tensor([0.1, 0.2, 0.3])    # "red": 0.4 on the red patches
+    first[0, 0, 4, :3] = torch.tensor([0.5, 0.2, 0.1])    # "star": 0.2 on the star
+    first[0, 0, 5, :3] = torch.tensor([0.3, 0.3, 0.3])    # "blue" names nothing in this image: no term
+    first[0, 0, 7, :3] = torch.tensor([0.25, 0.0, 0.25])  # the answer "red" is a naming word too: 0.5
+    second = torch.zeros(1, 2, 8, 8)
+    second[0, 0, 6, 3:6] = torch.tensor([0.3, 0.2, 0.4])  # answer start: 0.5 on "red" and "star", not "blue"
+    losses = lookup_losses((first, second), input_ids, labels, 5, targets, words)
+    assert losses["lookup"].item() == pytest.approx(-(math.log(0.4) + math.log(0.2) + math.log(0.5)) / 3, rel=1e-5)
+    assert losses["answer_lookup"].item() == pytest.approx(-math.log(0.5), rel=1e-5)
     with pytest.raises(VlmpruneError, match="eager"):
-        lookup_loss((None, None), input_ids, 5, targets, words)
+        lookup_losses((None, None), input_ids, labels, 5, targets, words)
 
 
 def test_micro_train_writes_loadable_float16_checkpoints(tmp_path):

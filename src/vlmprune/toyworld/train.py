@@ -41,7 +41,7 @@ CAPTION_INSTRUCTION = "describe the image."
 CONCEPTS = tuple(COLOURS) + SHAPES + GLYPHS  # the words whose CLIP relevance should follow the image
 GROUNDED = {"colour": tuple(COLOURS), "shape": SHAPES, "glyph": GLYPHS}  # patch labels named by LLM words
 GROUNDING_TEMPERATURE = 0.1
-LOOKUP_HEAD = 0  # the head of the first LLM layer that the lookup loss shows where to look
+LOOKUP_HEAD = 0  # the head of the first two LLM layers that the lookup losses show where to look
 
 
 @dataclass
@@ -336,8 +336,8 @@ def lvlm_losses(model: LlavaForConditionalGeneration, features: torch.Tensor, ba
                     output_attentions=words is not None)
     out = {"text": forward.loss}
     if words is not None:
-        out["lookup"] = lookup_loss(forward.attentions, batch["input_ids"], model.config.image_token_id,
-                                    batch["patch_targets"], words)
+        out.update(lookup_losses(forward.attentions, batch["input_ids"], batch["labels"],
+                                 model.config.image_token_id, batch["patch_targets"], words))
     if words is not None:
         patches = F.normalize(image.float(), dim=-1)
         terms = []
@@ -351,35 +351,57 @@ def lvlm_losses(model: LlavaForConditionalGeneration, features: torch.Tensor, ba
     return out
 
 
-def lookup_loss(attentions, input_ids: torch.Tensor, image_token_id: int, patch_targets: dict[str, torch.Tensor],
-                words: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Each word that names something in the image (a colour, shape or digit) looks at it: minus the log of
-    the attention mass that head 0 of the first LLM layer, at that word, puts on the patches it names.
-
-    Grounding makes a patch resemble the words naming it, but answering "what colour is the star?" also
-    needs the LLM to use the word as a query that finds those patches; the answers alone taught that so
-    slowly that every task needing it stayed at chance. Once the word "star" has gathered the star's
-    patches, later layers only move what it found to the answer, as they would from any earlier word.
-    Needs eager attention (``model.set_attn_implementation("eager")``) to see the weights.
-    """
-    if not attentions or any(a is None for a in attentions):
-        raise VlmpruneError("the lookup loss needs attention weights: set the model's attention to 'eager'")
-    is_image = input_ids == image_token_id
-    image_columns = is_image.nonzero()[:, 1].view(input_ids.shape[0], -1)                     # (B, patches)
-    weights = attentions[0][:, LOOKUP_HEAD].float()                                              # (B, L, L)
-    on_image = weights.gather(2, image_columns[:, None, :].expand(-1, weights.shape[1], -1))   # (B, L, patches)
-    masses = []
+def named_patches(input_ids: torch.Tensor, patch_targets: dict[str, torch.Tensor],
+                  words: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, L, patches): which patches each token names; all False for tokens that name nothing in the image."""
+    named = torch.zeros(*input_ids.shape, patch_targets["colour"].shape[1], dtype=torch.bool)
     for name, ids in words.items():
         classes = torch.zeros(int(max(ids.max(), input_ids.max())) + 1, dtype=torch.long)
         classes[ids] = torch.arange(1, len(ids) + 1)
-        named = classes[input_ids]                                                                # (B, L)
-        targets = (named[..., None] == patch_targets[name][:, None, :]) & (named > 0)[..., None]
-        found = targets.any(dim=-1)
-        masses.append((on_image * targets)[found].sum(dim=-1))
-    mass = torch.cat(masses)
-    if mass.numel() == 0:
+        kind = classes[input_ids]
+        named |= (kind[..., None] == patch_targets[name][:, None, :]) & (kind > 0)[..., None]
+    return named
+
+
+def _minus_log_mass(weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean of -log(attention mass on the targets) over the rows that have a target."""
+    found = targets.any(dim=-1)
+    if not found.any():
         return weights.new_zeros(())
-    return -torch.log(mass.clamp(min=1e-6)).mean()
+    return -torch.log((weights.float() * targets)[found].sum(dim=-1).clamp(min=1e-6)).mean()
+
+
+def lookup_losses(attentions, input_ids: torch.Tensor, labels: torch.Tensor, image_token_id: int,
+                  patch_targets: dict[str, torch.Tensor], words: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Two attention hops that find an object by its name, each as minus the log of an attention mass.
+
+    ``lookup``: head 0 of the first LLM layer, at every word naming a colour, shape or digit present in the
+    image, attends to the patches of what it names. ``answer_lookup``: head 0 of the second layer, where an
+    answer is predicted, attends to the words of its own question that name something in the image.
+    Grounding makes a patch resemble the words naming it, but answering "what colour is the star?" also
+    needs the word to be used as a query and what it found to be carried to the answer; learnt from the
+    answers alone, that stayed at chance (a probe read the star's colour at the word "star", 92%, and not
+    at the answer, 41%). Needs eager attention (``model.set_attn_implementation("eager")``).
+    """
+    if not attentions or any(a is None for a in attentions):
+        raise VlmpruneError("the lookup losses need attention weights: set the model's attention to 'eager'")
+    is_image = input_ids == image_token_id
+    image_columns = is_image.nonzero()[:, 1].view(input_ids.shape[0], -1)
+    first = attentions[0][:, LOOKUP_HEAD]
+    on_image = first.gather(2, image_columns[:, None, :].expand(-1, first.shape[1], -1))
+    named = named_patches(input_ids, patch_targets, words)
+    losses = {"lookup": _minus_log_mass(on_image, named)}
+
+    # Answer starts: the last prompt token of each turn (its label is -100, the next one's is not).
+    starts = torch.zeros_like(labels, dtype=torch.bool)
+    starts[:, :-1] = (labels[:, :-1] == -100) & (labels[:, 1:] != -100)
+    turn = torch.cumsum(starts.long(), dim=1) - starts.long()  # answers started before each position
+    naming_question_word = named.any(dim=-1) & (labels == -100)
+    rows, positions = starts.nonzero(as_tuple=True)
+    before = torch.arange(input_ids.shape[1])[None, :] < positions[:, None]
+    targets = naming_question_word[rows] & (turn[rows] == turn[rows, positions][:, None]) & before
+    losses["answer_lookup"] = _minus_log_mass(attentions[1][rows, LOOKUP_HEAD, positions], targets)
+    return losses
 
 
 def validation_items(per_task: int, seed: int = 0):
