@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     clip, clip_tokenizer = load_clip()
     naming = [item for item in items if item.task != "counting" or re.search(r"many (\w+) objects", item.question)]
     report = {"clip_relevance_object_over_function_words": relevance_figure(clip, clip_tokenizer, naming)}
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         model, processor = load(name)
         acc = accuracy_by_task(model, processor, items)
         report[name] = {"tasks": acc, "average": sum(acc.values()) / len(acc)}

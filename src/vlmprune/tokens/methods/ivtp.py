@@ -40,8 +40,8 @@ PSEUDO_CLS = ("llm", "clip", "hybrid", "visual")
 # LLaVA-1.5's settings, scaled with the model: 128 of 576 visual tokens, 12 of 32 LLM layers.
 LLAVA_THRESHOLD = 128 / 576
 LLAVA_LLM_DEPTH = 12 / 32
-TAU_CLIP = 0.2          # the paper's threshold for real CLIP
-TAU_TOY_CLIP = 0.1      # calibrated on the toy CLIP (benchmarks/token_results.py --part calibrate): see docs/results/tokens.md
+TAU_CLIP = 0.2  # the paper's threshold for real CLIP
+TAU_TOY_CLIP = -0.05  # calibrated on the toy CLIP (benchmarks/token_results.py --part calibrate): see docs/results/tokens.md
 TAU_NO_TEXT_ENCODER = 0.0
 
 
