@@ -8,6 +8,10 @@
    ("the triangle is red", "the red one is a triangle"), with a curriculum from one object up.
 3. ``instruct``: vision tower frozen; multi-turn conversations over the six tasks, plus captions.
 
+Stages 2 and 3 add the grounding loss (patches resemble the words naming them) and the two lookup
+losses (a word attends to what it names, an answer to its question's naming words); see
+:func:`lvlm_losses` and :func:`lookup_losses`.
+
 toy-large and toy-small share the vision tower, so stages 2 and 3 train both on the same batches and
 compute the (frozen) vision features once. Everything is seeded; step counts, not wall time, define
 the schedule (``minutes`` only caps a stage).
@@ -338,7 +342,6 @@ def lvlm_losses(model: LlavaForConditionalGeneration, features: torch.Tensor, ba
     if words is not None:
         out.update(lookup_losses(forward.attentions, batch["input_ids"], batch["labels"],
                                  model.config.image_token_id, batch["patch_targets"], words))
-    if words is not None:
         patches = F.normalize(image.float(), dim=-1)
         terms = []
         for name, ids in words.items():
