@@ -183,3 +183,16 @@ def test_eval_command_on_a_saved_directory(tiny_llava, monkeypatch, tmp_path, ca
     assert result["prefill_ms"] > 0
     assert out_md.read_text().splitlines()[2].startswith("| random:keep=20 |")
     assert "| random:keep=20 |" in capsys.readouterr().out
+
+
+def test_eval_rows_name_the_weight_recipe_a_pruned_model_carries(tiny_llava):
+    from vlmprune.eval.command import row_label
+    from vlmprune.weights.saving import CONFIG_KEY
+    model, _ = tiny_llava
+    assert row_label(model, None) == "dense" and row_label(model, "fastv:keep=8") == "fastv:keep=8"
+    setattr(model.config, CONFIG_KEY, {"method": "atv", "sparsity": 0.5, "pattern": "2:4"})
+    try:
+        assert row_label(model, None) == "atv:sparsity=0.5,pattern=2:4"
+        assert row_label(model, "fastv:keep=8") == "atv:sparsity=0.5,pattern=2:4 + fastv:keep=8"
+    finally:
+        delattr(model.config, CONFIG_KEY)

@@ -31,6 +31,18 @@ def _reference_tasks(path: str) -> dict:
         raise VlmpruneError(f"--reference {path} is not a readable eval --json result") from None
 
 
+def row_label(model, tokens: str | None) -> str:
+    """What the table row measured: the weight-pruning recipe a saved model carries, the token SPEC, or dense."""
+    from ..weights.saving import CONFIG_KEY
+
+    record = getattr(model.config, CONFIG_KEY, None)
+    weights = None
+    if isinstance(record, dict) and record.get("method"):
+        weights = f"{record['method']}:sparsity={record.get('sparsity')}"
+        weights += f",pattern={record['pattern']}" if record.get("pattern") else ""
+    return " + ".join(part for part in (weights, tokens) if part) or "dense"
+
+
 def run(args) -> int:
     from .harness import evaluate, resolve_tasks, token_method
     from .loading import load_model
@@ -48,7 +60,7 @@ def run(args) -> int:
                       batch_size=args.batch_size, reference=reference, model_name=args.model)
     if args.tokens:
         result["tokens"] = args.tokens
-    table = markdown_table([{"label": args.tokens or "dense", "result": result}])
+    table = markdown_table([{"label": row_label(model, args.tokens), "result": result}])
     if args.json:
         write_json(args.json, result)
     if args.md:
