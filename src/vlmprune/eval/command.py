@@ -33,14 +33,9 @@ def _reference_tasks(path: str) -> dict:
 
 def row_label(model, tokens: str | None) -> str:
     """What the table row measured: the weight-pruning recipe a saved model carries, the token SPEC, or dense."""
-    from ..weights.saving import CONFIG_KEY
+    from ..weights.saving import pruning_spec
 
-    record = getattr(model.config, CONFIG_KEY, None)
-    weights = None
-    if isinstance(record, dict) and record.get("method"):
-        weights = f"{record['method']}:sparsity={record.get('sparsity')}"
-        weights += f",pattern={record['pattern']}" if record.get("pattern") else ""
-    return " + ".join(part for part in (weights, tokens) if part) or "dense"
+    return " + ".join(part for part in (pruning_spec(model), tokens) if part) or "dense"
 
 
 def run(args) -> int:

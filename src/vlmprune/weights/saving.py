@@ -40,3 +40,13 @@ def save_pruned(model, processor, out: str | Path, record: dict[str, Any]) -> Pa
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
     return out
+
+
+def pruning_spec(model) -> str | None:
+    """The SPEC-style summary (``atv:sparsity=0.5,pattern=2:4``) of the record ``save_pruned`` wrote
+    into a model's config; None for a model that was not saved pruned."""
+    record = getattr(model.config, CONFIG_KEY, None)
+    if not isinstance(record, dict) or not record.get("method"):
+        return None
+    spec = f"{record['method']}:sparsity={record.get('sparsity')}"
+    return spec + (f",pattern={record['pattern']}" if record.get("pattern") else "")
