@@ -109,9 +109,13 @@ class ClipTowerMixin:
     def has_cls(self) -> bool:
         return self.vision_tower.config.model_type == "clip_vision_model"
 
+    @property
+    def vision_transformer(self) -> nn.Module:
+        """The tower's transformer (embeddings, pre-norm, encoder), unwrapped from ``*VisionModel``."""
+        return getattr(self.vision_tower, "vision_model", self.vision_tower)
+
     def _tower_layers(self) -> nn.ModuleList:
-        tower = getattr(self.vision_tower, "vision_model", self.vision_tower)
-        return tower.encoder.layers
+        return self.vision_transformer.encoder.layers
 
     def _feature_layer_index(self) -> int:
         """Non-negative index of the (deepest) encoder layer whose output the LLM reads."""

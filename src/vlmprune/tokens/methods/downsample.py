@@ -33,7 +33,7 @@ class Downsample(BudgetMethod):
     def reduce(self, ctx: SiteContext) -> Reduction:
         grid = scorers.square_grid(ctx.n_visual)
         side = max(1, round(math.sqrt(scorers.resolve_keep(self.keep, ctx.n_visual))))
-        tower = getattr(ctx.adapter.vision_tower, "vision_model", ctx.adapter.vision_tower)
+        tower = ctx.adapter.vision_transformer
         embeddings = tower.embeddings
         pixels = ctx.inputs["pixel_values"]
         size = side * embeddings.patch_size
