@@ -18,7 +18,7 @@ from vlmprune.toyworld import configs
 from vlmprune.toyworld.processor import build_processor
 from vlmprune.toyworld.tokenizers import build_clip_tokenizer, build_llm_tokenizer, corpus
 from vlmprune.toyworld.train import (ClipTrainer, SequenceBuilder, StageSettings, _clip_batch, _lvlm_batch,
-                                     accuracy_by_task, grounding_words, lookup_losses, lvlm_losses, new_lvlm,
+                                     NamingWords, accuracy_by_task, lookup_losses, lvlm_losses, naming_words, new_lvlm,
                                      pixel_values, train, vision_features)
 
 MICRO = {"toy-clip": "micro", "toy-large": "micro", "toy-small": "micro"}
@@ -51,7 +51,7 @@ def test_micro_clip_and_lvlm_losses_decrease(tokenizers):
     assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
     pixels, batch = _lvlm_batch(random.Random(0), SequenceBuilder(processor), "instruct", 2, 3)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    words = grounding_words(llm_tokenizer)
+    words = naming_words(llm_tokenizer)
     with pytest.raises(VlmpruneError, match="eager"):
         lvlm_losses(model, vision_features(model, pixels), batch, words)
     model.set_attn_implementation("eager")
@@ -77,7 +77,7 @@ def test_lookup_losses_are_minus_log_of_the_attention_mass_on_what_is_named():
     # [image x3, "red", "star", "blue", ":", answer "red"]: image token 5; red=10, blue=11, star=20, ":"=7.
     input_ids = torch.tensor([[5, 5, 5, 10, 20, 11, 7, 10]])
     labels = torch.tensor([[-100] * 7 + [10]])
-    words = {"colour": torch.tensor([10, 11]), "shape": torch.tensor([20])}
+    words = NamingWords({"colour": torch.tensor([10, 11]), "shape": torch.tensor([20])}, question_end=9)
     targets = {"colour": torch.tensor([[1, 0, 1]]), "shape": torch.tensor([[0, 1, 0]])}  # red patches 0, 2; star 1
     first = torch.zeros(1, 2, 8, 8)
     first[0, 0, 3, :3] = torch.tensor([0.1, 0.2, 0.3])    # "red": 0.4 on the red patches
@@ -85,12 +85,29 @@ def test_lookup_losses_are_minus_log_of_the_attention_mass_on_what_is_named():
     first[0, 0, 5, :3] = torch.tensor([0.3, 0.3, 0.3])    # "blue" names nothing in this image: no term
     first[0, 0, 7, :3] = torch.tensor([0.25, 0.0, 0.25])  # the answer "red" is a naming word too: 0.5
     second = torch.zeros(1, 2, 8, 8)
-    second[0, 0, 6, 3:6] = torch.tensor([0.3, 0.2, 0.4])  # answer start: 0.5 on "red" and "star", not "blue"
+    second[0, 0, 6, 3:6] = torch.tensor([0.3, 0.2, 0.4])  # answer start: 0.5 on "red star", not "blue"
     losses = lookup_losses((first, second), input_ids, labels, 5, targets, words)
     assert losses["lookup"].item() == pytest.approx(-(math.log(0.4) + math.log(0.2) + math.log(0.5)) / 3, rel=1e-5)
     assert losses["answer_lookup"].item() == pytest.approx(-math.log(0.5), rel=1e-5)
     with pytest.raises(VlmpruneError, match="eager"):
         lookup_losses((None, None), input_ids, labels, 5, targets, words)
+
+
+def test_answer_lookup_gives_each_named_object_of_the_stem_its_own_head():
+    # Turn 1: [image x3, "star", "left", "circle", "?", option "red", ":"] answer "yes";
+    # turn 2: ["circle", "?", ":"] answer "red". star=20, circle=21, red=10, "?"=9, ":"=7, yes=30.
+    input_ids = torch.tensor([[5, 5, 5, 20, 8, 21, 9, 10, 7, 30, 21, 9, 7, 10]])
+    labels = torch.tensor([[-100] * 9 + [30] + [-100] * 3 + [10]])
+    words = NamingWords({"colour": torch.tensor([10, 11]), "shape": torch.tensor([20, 21])}, question_end=9)
+    targets = {"colour": torch.tensor([[1, 0, 1]]), "shape": torch.tensor([[1, 2, 0]])}  # star 0, circle 1, red 0, 2
+    first = torch.full((1, 2, 14, 14), 1 / 14)
+    second = torch.zeros(1, 2, 14, 14)
+    second[0, 0, 8, [3, 5, 7]] = torch.tensor([0.6, 0.3, 0.05])  # head 0 at the first answer: the star
+    second[0, 1, 8, [3, 5]] = torch.tensor([0.1, 0.8])            # head 1: the circle; the option "red" is no phrase
+    second[0, 0, 12, [5, 10]] = torch.tensor([0.2, 0.7])          # second answer: only its own "circle" counts
+    losses = lookup_losses((first, second), input_ids, labels, 5, targets, words)
+    head0 = -(math.log(0.6) + math.log(0.7)) / 2
+    assert losses["answer_lookup"].item() == pytest.approx((head0 - math.log(0.8)) / 2, rel=1e-5)
 
 
 def test_micro_train_writes_loadable_float16_checkpoints(tmp_path):

@@ -9,7 +9,7 @@
 3. ``instruct``: vision tower frozen; multi-turn conversations over the six tasks, plus captions.
 
 Stages 2 and 3 add the grounding loss (patches resemble the words naming them) and the two lookup
-losses (a word attends to what it names, an answer to its question's naming words); see
+losses (a word attends to what it names, an answer to each object its question names); see
 :func:`lvlm_losses` and :func:`lookup_losses`.
 
 toy-large and toy-small share the vision tower, so stages 2 and 3 train both on the same batches and
@@ -45,7 +45,7 @@ CAPTION_INSTRUCTION = "describe the image."
 CONCEPTS = tuple(COLOURS) + SHAPES + GLYPHS  # the words whose CLIP relevance should follow the image
 GROUNDED = {"colour": tuple(COLOURS), "shape": SHAPES, "glyph": GLYPHS}  # patch labels named by LLM words
 GROUNDING_TEMPERATURE = 0.1
-LOOKUP_HEAD = 0  # the head of the first two LLM layers that the lookup losses show where to look
+LOOKUP_HEAD = 0  # the head of the first LLM layer that the word lookup loss shows where to look
 
 
 @dataclass
@@ -61,7 +61,7 @@ class StageSettings:
 DEFAULT_SETTINGS = {
     "toy-clip": {"clip": StageSettings(steps=1800, batch=32, lr=2e-3, warmup=50)},
     "toy-large": {"caption": StageSettings(steps=200, batch=24, lr=1.5e-3, warmup=30),
-                  "instruct": StageSettings(steps=1000, batch=24, lr=1e-3, warmup=30)},
+                  "instruct": StageSettings(steps=2000, batch=24, lr=1e-3, warmup=30)},
     "toy-small": {"caption": StageSettings(steps=200, batch=24, lr=1.5e-3, warmup=30),
                   "instruct": StageSettings(steps=2000, batch=24, lr=1e-3, warmup=30)},
 }
@@ -206,7 +206,7 @@ class ClipTrainer(nn.Module):
 
 
 def _clip_batch(rng: random.Random, batch: int, clip_tokenizer):
-    # Every large circle, square and diamond carries a digit here: digits are the slowest patch label to
+    # Every large circle and square carries a digit here: digits are the slowest patch label to
     # learn, and at the test distribution's rate (one object in eight) the tower never learnt to read them.
     scenes = [sample_scene(rng, rng.randint(1, MAX_OBJECTS), glyph_rate=1.0) for _ in range(batch)]
     rendered = [render(s) for s in scenes]
@@ -315,13 +315,21 @@ def vision_features(model: LlavaForConditionalGeneration, pixels: torch.Tensor) 
     return hidden[model.config.vision_feature_layer][:, 1:]
 
 
-def grounding_words(tokenizer) -> dict[str, torch.Tensor]:
-    """LLM token ids of the words naming each class of the grounded patch labels (class k -> entry k-1)."""
-    return {name: torch.tensor(tokenizer.convert_tokens_to_ids(list(words))) for name, words in GROUNDED.items()}
+@dataclass
+class NamingWords:
+    """LLM token ids the grounding and lookup losses need: the words naming each class of the grounded
+    patch labels (class k -> entry k-1) and the "?" that ends a question's stem (options come after it)."""
+    ids: dict[str, torch.Tensor]
+    question_end: int
+
+
+def naming_words(tokenizer) -> NamingWords:
+    return NamingWords({name: torch.tensor(tokenizer.convert_tokens_to_ids(list(words))) for name, words in GROUNDED.items()},
+                       tokenizer.convert_tokens_to_ids("?"))
 
 
 def lvlm_losses(model: LlavaForConditionalGeneration, features: torch.Tensor, batch: dict,
-                words: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                words: NamingWords | None = None) -> dict[str, torch.Tensor]:
     """The text loss from the model's own forward, with the projected image features scattered into the
     input embeddings; with ``words``, also the grounding and lookup losses.
 
@@ -344,7 +352,7 @@ def lvlm_losses(model: LlavaForConditionalGeneration, features: torch.Tensor, ba
                                  model.config.image_token_id, batch["patch_targets"], words))
         patches = F.normalize(image.float(), dim=-1)
         terms = []
-        for name, ids in words.items():
+        for name, ids in words.ids.items():
             target = batch["patch_targets"][name]
             logits = patches @ F.normalize(table.weight[ids].float(), dim=-1).T / GROUNDING_TEMPERATURE
             on_object = target > 0
@@ -374,17 +382,27 @@ def _minus_log_mass(weights: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return -torch.log((weights.float() * targets)[found].sum(dim=-1).clamp(min=1e-6)).mean()
 
 
+def _count_within_turn(flags: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """Inclusive running count of ``flags`` along each row, restarted at every turn."""
+    flags = flags.long()
+    totals = torch.zeros(flags.shape[0], int(turn.max()) + 1, dtype=torch.long).scatter_add_(1, turn, flags)
+    before_turn = totals.cumsum(dim=1) - totals
+    return flags.cumsum(dim=1) - before_turn.gather(1, turn)
+
+
 def lookup_losses(attentions, input_ids: torch.Tensor, labels: torch.Tensor, image_token_id: int,
-                  patch_targets: dict[str, torch.Tensor], words: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Two attention hops that find an object by its name, each as minus the log of an attention mass.
+                  patch_targets: dict[str, torch.Tensor], words: NamingWords) -> dict[str, torch.Tensor]:
+    """Attention hops that find objects by their names, each as minus the log of an attention mass.
 
     ``lookup``: head 0 of the first LLM layer, at every word naming a colour, shape or digit present in the
-    image, attends to the patches of what it names. ``answer_lookup``: head 0 of the second layer, where an
-    answer is predicted, attends to the words of its own question that name something in the image.
-    Grounding makes a patch resemble the words naming it, but answering "what colour is the star?" also
-    needs the word to be used as a query and what it found to be carried to the answer; learnt from the
-    answers alone, that stayed at chance (a probe read the star's colour at the word "star", 92%, and not
-    at the answer, 41%). Needs eager attention (``model.set_attn_implementation("eager")``).
+    image, attends to the patches of what it names. ``answer_lookup``: in the second layer, where an answer
+    is predicted, head ``k`` attends to the ``k``-th phrase of its question's stem that names something in
+    the image (a phrase: adjacent naming words, "red triangle"). Grounding makes a patch resemble the words
+    naming it, but answering "what colour is the star?" also needs the word to be used as a query and what
+    it found to be carried to the answer; learnt from the answers alone, that stayed at chance (a probe
+    read the star's colour at the word "star", 92%, and not at the answer, 41%). One head per phrase,
+    because "is the cross left of the circle?" compares two objects, and one head on both words gives
+    their mean, not which is where. Needs eager attention (``model.set_attn_implementation("eager")``).
     """
     if not attentions or any(a is None for a in attentions):
         raise VlmpruneError("the lookup losses need attention weights: set the model's attention to 'eager'")
@@ -392,18 +410,23 @@ def lookup_losses(attentions, input_ids: torch.Tensor, labels: torch.Tensor, ima
     image_columns = is_image.nonzero()[:, 1].view(input_ids.shape[0], -1)
     first = attentions[0][:, LOOKUP_HEAD]
     on_image = first.gather(2, image_columns[:, None, :].expand(-1, first.shape[1], -1))
-    named = named_patches(input_ids, patch_targets, words)
+    named = named_patches(input_ids, patch_targets, words.ids)
     losses = {"lookup": _minus_log_mass(on_image, named)}
 
     # Answer starts: the last prompt token of each turn (its label is -100, the next one's is not).
     starts = torch.zeros_like(labels, dtype=torch.bool)
     starts[:, :-1] = (labels[:, :-1] == -100) & (labels[:, 1:] != -100)
     turn = torch.cumsum(starts.long(), dim=1) - starts.long()  # answers started before each position
-    naming_question_word = named.any(dim=-1) & (labels == -100)
+    in_stem = (labels == -100) & (_count_within_turn(input_ids == words.question_end, turn) == 0)
+    naming = named.any(dim=-1) & in_stem
+    phrase_starts = naming.clone()
+    phrase_starts[:, 1:] &= ~naming[:, :-1]
+    phrase = torch.where(naming, _count_within_turn(phrase_starts, turn), 0)  # 1, 2, ... within the turn
     rows, positions = starts.nonzero(as_tuple=True)
-    before = torch.arange(input_ids.shape[1])[None, :] < positions[:, None]
-    targets = naming_question_word[rows] & (turn[rows] == turn[rows, positions][:, None]) & before
-    losses["answer_lookup"] = _minus_log_mass(attentions[1][rows, LOOKUP_HEAD, positions], targets)
+    own_question = (turn[rows] == turn[rows, positions][:, None]) & (torch.arange(input_ids.shape[1]) < positions[:, None])
+    terms = [_minus_log_mass(attentions[1][rows, head, positions], own_question & (phrase[rows] == head + 1))
+             for head in range(min(attentions[1].shape[1], int(phrase.max())))]
+    losses["answer_lookup"] = sum(terms) / len(terms) if terms else first.new_zeros(())
     return losses
 
 
@@ -442,7 +465,7 @@ def train_lvlm(model, processor, stage: str, settings: StageSettings, seed: int,
                save_to: str | None, bf16: bool = False, eval_every: int = 100, val_per_task: int = 24) -> None:
     """One LVLM through one stage; in ``instruct``, per-task validation accuracy and a save every ``eval_every``."""
     builder = SequenceBuilder(processor)
-    words = grounding_words(processor.tokenizer)
+    words = naming_words(processor.tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0, betas=(0.9, 0.98))
     rng = random.Random(f"{stage}-{seed}")
