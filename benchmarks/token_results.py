@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from vlmprune import toyworld
 from vlmprune.eval.harness import evaluate
@@ -90,6 +89,7 @@ def ablation_specs(keep: int, vision_layers: int, llm_layers: int) -> dict[str, 
 def calibrate_tau(limit: int) -> dict:
     """Relevance (Eq. 6) of the toy CLIP's tokens in test questions: words naming a colour, shape,
     size or digit against every other word; the threshold with the best balanced accuracy."""
+    from vlmprune.tokens.text_relevance import clip_token_relevance
     from vlmprune.toyworld.processor import build_image_processor
     from vlmprune.toyworld.scenes import COLOURS, GLYPHS, SHAPES, SIZES
 
@@ -100,19 +100,13 @@ def calibrate_tau(limit: int) -> dict:
     for task in toyworld.TASKS:
         items = list(toyworld.test_split(task, limit))
         pixels = images(images=[item.image for item in items], return_tensors="pt")["pixel_values"]
-        with torch.no_grad():
-            embeds = clip.get_image_features(pixel_values=pixels).pooler_output
-            for item, embed in zip(items, embeds):
-                text = item.question.lower() + " assistant:"
-                encoded = tokenizer(text, return_offsets_mapping=True, return_tensors="pt")
-                tokens = clip.text_projection(clip.text_model(input_ids=encoded["input_ids"]).last_hidden_state[0])
-                relevance = F.cosine_similarity(tokens, embed[None], dim=-1)
-                for (start, end), value in zip(encoded["offset_mapping"][0].tolist(), relevance.tolist()):
-                    if end > start:
-                        word_start = text.rfind(" ", 0, start) + 1
-                        word_end = text.find(" ", end) if " " in text[end:] else len(text)
-                        word = text[word_start:word_end].strip("?:,.")
-                        scores["concept" if word in concepts else "other"].append(value)
+        texts = [item.question.lower() + " assistant:" for item in items]  # what IVTP scores: the turn's text
+        for text, (offsets, relevance) in zip(texts, clip_token_relevance(clip, tokenizer, pixels, texts)):
+            for (start, end), value in zip(offsets, relevance.tolist()):
+                word_start = text.rfind(" ", 0, start) + 1
+                word_end = text.find(" ", end) if " " in text[end:] else len(text)
+                word = text[word_start:word_end].strip("?:,.")
+                scores["concept" if word in concepts else "other"].append(value)
 
     def balanced(tau: float) -> float:
         hits = sum(v >= tau for v in scores["concept"]) / len(scores["concept"])
