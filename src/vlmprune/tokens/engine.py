@@ -582,6 +582,7 @@ class _Engine:
                                     "list it in recorded_layers()")
             return records[(tower, layer)]
 
+        @torch.no_grad()  # scores only choose tokens; a graph of them would outlive the step in training
         def heads(layer: int):
             record = recorded(layer)
             if tower == "vision":
