@@ -18,7 +18,7 @@ from vlmprune.toyworld import configs
 from vlmprune.toyworld.processor import build_processor
 from vlmprune.toyworld.tokenizers import build_clip_tokenizer, build_llm_tokenizer, corpus
 from vlmprune.toyworld.train import (ClipTrainer, SequenceBuilder, StageSettings, _clip_batch, _lvlm_batch,
-                                     NamingWords, accuracy_by_task, lookup_losses, lvlm_losses, naming_words, new_lvlm,
+                                     NamingWords, PositionReadout, accuracy_by_task, lookup_losses, lvlm_losses, naming_words, new_lvlm,
                                      pixel_values, train, vision_features)
 
 MICRO = {"toy-clip": "micro", "toy-large": "micro", "toy-small": "micro"}
@@ -50,15 +50,16 @@ def test_micro_clip_and_lvlm_losses_decrease(tokenizers):
     model = new_lvlm("micro", processor, clip, seed=0)
     assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
     pixels, batch = _lvlm_batch(random.Random(0), SequenceBuilder(processor), "instruct", 2, 3)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    readout = PositionReadout(model.config.text_config.hidden_size)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + list(readout.parameters()), lr=3e-3)
     words = naming_words(llm_tokenizer)
     with pytest.raises(VlmpruneError, match="eager"):
         lvlm_losses(model, vision_features(model, pixels), batch, words)
     model.set_attn_implementation("eager")
     losses = []
     for _ in range(8):
-        parts = lvlm_losses(model, vision_features(model, pixels), batch, words)
-        assert set(parts) == {"text", "grounding", "lookup", "answer_lookup"}
+        parts = lvlm_losses(model, vision_features(model, pixels), batch, words, readout)
+        assert set(parts) == {"text", "grounding", "lookup", "answer_lookup", "where"}
         loss = sum(parts.values())
         losses.append(loss.item())
         optimizer.zero_grad()

@@ -35,7 +35,7 @@ from transformers import CLIPModel, LlavaForConditionalGeneration
 from ..errors import VlmpruneError
 from . import configs
 from .processor import CLIP_MEAN, CLIP_STD, build_processor, build_prompt
-from .scenes import COLOURS, GLYPHS, MAX_OBJECTS, PATCH_LABELS, SHAPES, patch_labels, render, sample_scene
+from .scenes import COLOURS, GLYPHS, GRID, MAX_OBJECTS, PATCH_LABELS, SHAPES, patch_labels, render, sample_scene
 from .tasks import TASKS, TEST_OBJECTS, ask, caption, sample_item
 from .tokenizers import build_clip_tokenizer, build_llm_tokenizer, corpus
 
@@ -46,6 +46,7 @@ CONCEPTS = tuple(COLOURS) + SHAPES + GLYPHS  # the words whose CLIP relevance sh
 GROUNDED = {"colour": tuple(COLOURS), "shape": SHAPES, "glyph": GLYPHS}  # patch labels named by LLM words
 GROUNDING_TEMPERATURE = 0.1
 LOOKUP_HEAD = 0  # the head of the first LLM layer that the word lookup loss shows where to look
+ANSWER_PHRASES = 2  # named objects per question whose position the answer start is taught to hold
 
 
 @dataclass
@@ -329,9 +330,10 @@ def naming_words(tokenizer) -> NamingWords:
 
 
 def lvlm_losses(model: LlavaForConditionalGeneration, features: torch.Tensor, batch: dict,
-                words: NamingWords | None = None) -> dict[str, torch.Tensor]:
+                words: NamingWords | None = None, readout: PositionReadout | None = None) -> dict[str, torch.Tensor]:
     """The text loss from the model's own forward, with the projected image features scattered into the
-    input embeddings; with ``words``, also the grounding and lookup losses.
+    input embeddings; with ``words``, also the grounding and lookup losses, and with ``readout`` as well,
+    the position loss (:func:`position_losses`).
 
     Grounding: each projected patch must point, among the LLM's own input embeddings of the colour (shape,
     digit) words, to the word naming its object's colour (shape, digit). Visual tokens then resemble the
@@ -345,11 +347,14 @@ def lvlm_losses(model: LlavaForConditionalGeneration, features: torch.Tensor, ba
     mask = (batch["input_ids"] == model.config.image_token_id)[..., None].expand_as(embeds)
     embeds = embeds.masked_scatter(mask, image.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
     forward = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    output_attentions=words is not None)
+                    output_attentions=words is not None, output_hidden_states=readout is not None)
     out = {"text": forward.loss}
     if words is not None:
         out.update(lookup_losses(forward.attentions, batch["input_ids"], batch["labels"],
                                  model.config.image_token_id, batch["patch_targets"], words))
+        if readout is not None:
+            out["where"] = position_losses(forward.hidden_states, batch["input_ids"], batch["labels"],
+                                           batch["patch_targets"], words, readout)
         patches = F.normalize(image.float(), dim=-1)
         terms = []
         for name, ids in words.ids.items():
@@ -390,29 +395,18 @@ def _count_within_turn(flags: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
     return flags.cumsum(dim=1) - before_turn.gather(1, turn)
 
 
-def lookup_losses(attentions, input_ids: torch.Tensor, labels: torch.Tensor, image_token_id: int,
-                  patch_targets: dict[str, torch.Tensor], words: NamingWords) -> dict[str, torch.Tensor]:
-    """Attention hops that find objects by their names, each as minus the log of an attention mass.
+@dataclass
+class _NameTargets:
+    named: torch.Tensor      # (B, L, patches): which patches each token names
+    rows: torch.Tensor       # (R,) sample of each answer start
+    positions: torch.Tensor  # (R,) position of each answer start
+    phrases: torch.Tensor    # (R, L): phrase number (1, 2, ...) of each naming word of the answer's question stem
 
-    ``lookup``: head 0 of the first LLM layer, at every word naming a colour, shape or digit present in the
-    image, attends to the patches of what it names. ``answer_lookup``: in the second layer, where an answer
-    is predicted, head ``k`` attends to the ``k``-th phrase of its question's stem that names something in
-    the image (a phrase: adjacent naming words, "red triangle"). Grounding makes a patch resemble the words
-    naming it, but answering "what colour is the star?" also needs the word to be used as a query and what
-    it found to be carried to the answer; learnt from the answers alone, that stayed at chance (a probe
-    read the star's colour at the word "star", 92%, and not at the answer, 41%). One head per phrase,
-    because "is the cross left of the circle?" compares two objects, and one head on both words gives
-    their mean, not which is where. Needs eager attention (``model.set_attn_implementation("eager")``).
-    """
-    if not attentions or any(a is None for a in attentions):
-        raise VlmpruneError("the lookup losses need attention weights: set the model's attention to 'eager'")
-    is_image = input_ids == image_token_id
-    image_columns = is_image.nonzero()[:, 1].view(input_ids.shape[0], -1)
-    first = attentions[0][:, LOOKUP_HEAD]
-    on_image = first.gather(2, image_columns[:, None, :].expand(-1, first.shape[1], -1))
+
+def _name_targets(input_ids, labels, patch_targets, words: NamingWords) -> _NameTargets:
+    """What each token names, and for every answer start the naming phrases of its own question's stem
+    (a phrase: adjacent naming words, "red triangle"; the options of a multiple choice come after "?")."""
     named = named_patches(input_ids, patch_targets, words.ids)
-    losses = {"lookup": _minus_log_mass(on_image, named)}
-
     # Answer starts: the last prompt token of each turn (its label is -100, the next one's is not).
     starts = torch.zeros_like(labels, dtype=torch.bool)
     starts[:, :-1] = (labels[:, :-1] == -100) & (labels[:, 1:] != -100)
@@ -421,13 +415,73 @@ def lookup_losses(attentions, input_ids: torch.Tensor, labels: torch.Tensor, ima
     naming = named.any(dim=-1) & in_stem
     phrase_starts = naming.clone()
     phrase_starts[:, 1:] &= ~naming[:, :-1]
-    phrase = torch.where(naming, _count_within_turn(phrase_starts, turn), 0)  # 1, 2, ... within the turn
+    phrase = torch.where(naming, _count_within_turn(phrase_starts, turn), 0)
     rows, positions = starts.nonzero(as_tuple=True)
     own_question = (turn[rows] == turn[rows, positions][:, None]) & (torch.arange(input_ids.shape[1]) < positions[:, None])
-    terms = [_minus_log_mass(attentions[1][rows, head, positions], own_question & (phrase[rows] == head + 1))
-             for head in range(min(attentions[1].shape[1], int(phrase.max())))]
+    return _NameTargets(named, rows, positions, torch.where(own_question, phrase[rows], 0))
+
+
+def lookup_losses(attentions, input_ids: torch.Tensor, labels: torch.Tensor, image_token_id: int,
+                  patch_targets: dict[str, torch.Tensor], words: NamingWords) -> dict[str, torch.Tensor]:
+    """Attention hops that find objects by their names, each as minus the log of an attention mass.
+
+    ``lookup``: head 0 of the first LLM layer, at every word naming a colour, shape or digit present in the
+    image, attends to the patches of what it names. ``answer_lookup``: in the second layer, where an answer
+    is predicted, head ``k`` attends to the ``k``-th naming phrase of its question's stem. Grounding makes
+    a patch resemble the words naming it, but answering "what colour is the star?" also needs the word to
+    be used as a query and what it found to be carried to the answer; learnt from the answers alone, that
+    stayed at chance (a probe read the star's colour at the word "star", 92%, and not at the answer, 41%).
+    One head per phrase, because "is the cross left of the circle?" compares two objects, and one head on
+    both words gives their mean. Needs eager attention (``model.set_attn_implementation("eager")``).
+    """
+    if not attentions or any(a is None for a in attentions):
+        raise VlmpruneError("the lookup losses need attention weights: set the model's attention to 'eager'")
+    is_image = input_ids == image_token_id
+    image_columns = is_image.nonzero()[:, 1].view(input_ids.shape[0], -1)
+    first = attentions[0][:, LOOKUP_HEAD]
+    on_image = first.gather(2, image_columns[:, None, :].expand(-1, first.shape[1], -1))
+    targets = _name_targets(input_ids, labels, patch_targets, words)
+    losses = {"lookup": _minus_log_mass(on_image, targets.named)}
+    second = attentions[1][targets.rows, :, targets.positions]                       # (R, heads, L)
+    most = int(targets.phrases.max()) if targets.phrases.numel() else 0
+    terms = [_minus_log_mass(second[:, head], targets.phrases == head + 1) for head in range(min(second.shape[1], most))]
     losses["answer_lookup"] = sum(terms) / len(terms) if terms else first.new_zeros(())
     return losses
+
+
+class PositionReadout(nn.Module):
+    """Training-only linear readouts of where named objects are (see :func:`position_losses`)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.word = nn.Linear(hidden_size, 2)
+        self.answer = nn.Linear(hidden_size, 2 * ANSWER_PHRASES)
+
+
+def _centroids(patches: torch.Tensor) -> torch.Tensor:
+    """(..., patches) bool -> (..., 2): mean (column, row) of the marked patches, scaled to [-1, 1]."""
+    index = torch.arange(patches.shape[-1])
+    coords = torch.stack([index % GRID, index // GRID], dim=-1).float() / (GRID - 1) * 2 - 1
+    return (patches.float() @ coords) / patches.sum(dim=-1, keepdim=True).clamp(min=1)
+
+
+def position_losses(hidden_states, input_ids: torch.Tensor, labels: torch.Tensor, patch_targets: dict[str, torch.Tensor],
+                    words: NamingWords, readout: PositionReadout) -> torch.Tensor:
+    """``where``: after the first LLM layer, each naming word holds the position of what it names; after
+    the second, each answer start holds the positions of its question's first two named objects (linear
+    readouts, mean squared error). The lookups brought the named object's patches to the word, yet a probe
+    read its column there with R^2 0.0: the LLM carried what the object was, not where, and spatial
+    questions stayed at chance."""
+    targets = _name_targets(input_ids, labels, patch_targets, words)
+    naming = targets.named.any(dim=-1)
+    terms = [F.mse_loss(readout.word(hidden_states[1][naming].float()), _centroids(targets.named[naming]))] if naming.any() else []
+    predicted = readout.answer(hidden_states[2][targets.rows, targets.positions].float()).view(-1, ANSWER_PHRASES, 2)
+    for k in range(ANSWER_PHRASES):
+        patches = ((targets.phrases == k + 1)[..., None] & targets.named[targets.rows]).any(dim=1)   # (R, P)
+        found = patches.any(dim=-1)
+        if found.any():
+            terms.append(F.mse_loss(predicted[found, k], _centroids(patches[found])))
+    return sum(terms) / len(terms) if terms else hidden_states[0].new_zeros(())
 
 
 def validation_items(per_task: int, seed: int = 0):
@@ -466,7 +520,8 @@ def train_lvlm(model, processor, stage: str, settings: StageSettings, seed: int,
     """One LVLM through one stage; in ``instruct``, per-task validation accuracy and a save every ``eval_every``."""
     builder = SequenceBuilder(processor)
     words = naming_words(processor.tokenizer)
-    params = [p for p in model.parameters() if p.requires_grad]
+    readout = PositionReadout(model.config.text_config.hidden_size)
+    params = [p for p in model.parameters() if p.requires_grad] + list(readout.parameters())
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0, betas=(0.9, 0.98))
     rng = random.Random(f"{stage}-{seed}")
     val = validation_items(val_per_task) if stage == "instruct" else []
@@ -483,7 +538,7 @@ def train_lvlm(model, processor, stage: str, settings: StageSettings, seed: int,
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * _lr_factor(step, settings)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            losses = lvlm_losses(model, vision_features(model, pixels), batch, words)
+            losses = lvlm_losses(model, vision_features(model, pixels), batch, words, readout)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
