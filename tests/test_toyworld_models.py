@@ -17,9 +17,10 @@ from vlmprune.toyworld import build_prompt, checkpoint_dir, load, load_clip, tes
 from vlmprune.toyworld import configs
 from vlmprune.toyworld.processor import build_processor
 from vlmprune.toyworld.tokenizers import build_clip_tokenizer, build_llm_tokenizer, corpus
-from vlmprune.toyworld.train import (ClipTrainer, SequenceBuilder, StageSettings, _clip_batch, _lvlm_batch,
-                                     NamingWords, PositionReadout, accuracy_by_task, lookup_losses, lvlm_losses, naming_words, new_lvlm,
-                                     pixel_values, train, vision_features)
+from vlmprune.toyworld.train import (ClipTrainer, NamingWords, PositionReadout, SequenceBuilder, StageSettings,
+                                     _clip_batch, _lvlm_batch, accuracy_by_task, lookup_losses, lvlm_losses,
+                                     naming_words, new_lvlm, pixel_values, position_losses, train,
+                                     vision_features)
 
 MICRO = {"toy-clip": "micro", "toy-large": "micro", "toy-small": "micro"}
 
@@ -109,6 +110,26 @@ def test_answer_lookup_gives_each_named_object_of_the_stem_its_own_head():
     losses = lookup_losses((first, second), input_ids, labels, 5, targets, words)
     head0 = -(math.log(0.6) + math.log(0.7)) / 2
     assert losses["answer_lookup"].item() == pytest.approx((head0 - math.log(0.8)) / 2, rel=1e-5)
+
+
+def test_position_loss_targets_the_centre_of_what_each_word_and_each_question_names():
+    # The conversation of the two-head test; patches 0, 1, 2 lie in the top row at columns 0, 1, 2,
+    # which _centroids scales to -1, -7/9 and -5/9 (rows: -1). A zero readout predicts (0, 0).
+    input_ids = torch.tensor([[5, 5, 5, 20, 8, 21, 9, 10, 7, 30, 21, 9, 7, 10]])
+    labels = torch.tensor([[-100] * 9 + [30] + [-100] * 3 + [10]])
+    words = NamingWords({"colour": torch.tensor([10, 11]), "shape": torch.tensor([20, 21])}, question_end=9)
+    targets = {"colour": torch.tensor([[1, 0, 1]]), "shape": torch.tensor([[1, 2, 0]])}  # star 0, circle 1, red 0, 2
+    readout = PositionReadout(4)
+    for layer in (readout.word, readout.answer):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    hidden = tuple(torch.randn(1, 14, 4) for _ in range(3))
+    star, circle, red = 1 + 1, (7 / 9) ** 2 + 1, (7 / 9) ** 2 + 1   # squared distances from (0, 0)
+    words_term = (star + 2 * circle + 2 * red) / 10                   # star, circle, red, circle, red
+    first = (star + circle) / 4                                       # answer 1: the star; answer 2: the circle
+    second = circle / 2                                               # answer 1 only: the circle
+    loss = position_losses(hidden, input_ids, labels, targets, words, readout)
+    assert loss.item() == pytest.approx((words_term + first + second) / 3, rel=1e-5)
 
 
 def test_micro_train_writes_loadable_float16_checkpoints(tmp_path):
