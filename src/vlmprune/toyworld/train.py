@@ -57,8 +57,8 @@ class StageSettings:
     warmup: int = 100
 
 
-# Planned for one float32 thread per process on a busy shared 2-core CPU (about 2.6 s a step for
-# toy-large, 0.95 s for toy-small): CLIP ~7 min, then toy-large and toy-small in parallel, ~50 min each.
+# Planned for one float32 thread per process on a shared 2-core CPU (about 2 s a step for toy-large,
+# 0.75 s for toy-small): CLIP ~20 min, then toy-large (~70 min) and toy-small (~25 min) in parallel.
 DEFAULT_SETTINGS = {
     "toy-clip": {"clip": StageSettings(steps=1800, batch=32, lr=2e-3, warmup=50)},
     "toy-large": {"caption": StageSettings(steps=200, batch=24, lr=1.5e-3, warmup=30),
