@@ -77,7 +77,8 @@ def ablation_specs(keep: int, vision_layers: int, llm_layers: int) -> dict[str, 
         "instruction components": {"vision only (IVTP-V)": f"{base},llm=false", "OTT": f"{base},instruction=ott",
                                    "OTT+RT": f"{base},instruction=ott+rt", "OTT+TE+RT": base},
         "pseudo-[CLS]": {"LLM embeddings": base, "CLIP text embeddings": f"{base},pcls=clip",
-                         "hybrid visual+text": f"{base},pcls=hybrid", "visual [CLS] only": f"{base},pcls=visual"},
+                         "hybrid visual+text": f"{base},pcls=hybrid", "visual [CLS] only": f"{base},pcls=visual",
+                         "LLM embeddings, kept as a real token": f"{base},real_pcls=true"},
         "relevance threshold tau": {f"{t}{' (toy default)' if t == TAU_TOY_CLIP else ''}": f"{base},tau={t}"
                                     for t in TAUS},
         "LLM pruning layers (groups of 3)": {

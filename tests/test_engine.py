@@ -312,6 +312,44 @@ def test_scoring_only_token_with_the_cache(tiny, family):
     assert torch.equal(generated, dense) and torch.equal(generated[:, -STEPS:], reference)
 
 
+class KeepAllWithRealScoringToken(KeepAllWithScoringToken):
+    def scoring_token_is_real(self):
+        return True
+
+
+def test_a_real_scoring_token_is_an_ordinary_token_of_the_sequence(tiny):
+    """Kept as a real token (IVTP's "w/ pseudo CLS"), the scoring token gives the logits of the dense
+    LLM run on the sequence with that embedding after the image, at the first text token's position."""
+    model, make_inputs = tiny("llava")
+    inputs = make_inputs(text_lens=(3, 3))
+    method = KeepAllWithRealScoringToken()
+    captured = {}
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.update(kwargs), with_kwargs=True)
+    try:
+        logits(model, inputs)
+    finally:
+        hook.remove()
+    embeds = captured["inputs_embeds"]
+    at = int(torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id)[-1]) + 1
+    token = method.scoring_token(model, inputs)[:, None].to(embeds.dtype)
+    sequence = torch.cat([embeds[:, :at], token, embeds[:, at:]], dim=1)
+    positions = torch.arange(embeds.shape[1])
+    positions = torch.cat([positions[:at], positions[at:at + 1], positions[at:]])[None].expand(2, -1)
+    with torch.no_grad():
+        hidden = model.model.language_model(inputs_embeds=sequence, position_ids=positions).last_hidden_state
+        reference = model.lm_head(hidden)
+    with vp.tokens.apply(model, method):
+        out = logits(model, inputs)
+    assert out.shape == reference.shape and (out - reference).abs().max() <= 5e-4
+    dense = logits(model, inputs)
+    assert (dense - torch.cat([reference[:, :at], reference[:, at + 1:]], 1)).abs().max() > 1e-2  # it matters
+    with vp.tokens.apply(model, method):
+        with torch.no_grad():
+            generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, eos_token_id=None)
+        assert torch.equal(generated[:, -STEPS:], greedy_without_cache(model, inputs, STEPS))
+
+
 def test_beam_search_and_repeated_samples(tiny):
     model, make_inputs = tiny("llava")
     inputs = make_inputs(text_lens=(3, 5))

@@ -40,7 +40,7 @@ def test_spec_examples_and_bad_settings():
     assert (method.keep, method.group, method.rollout) == (64, 2, "layer")
     assert from_spec("ivtp:keep=64,group=2,rollout=layer").spec().startswith("ivtp:keep=64,group=2,rollout=layer")
     for bad in ("ivtp:pcls=clip,instruction=ott", "ivtp:group=0", "ivtp:rollout=median", "ivtp:instruction=te", "ivtp:pcls=text", "ivtp:keep=0",
-                "ivtp:llm_group=0"):
+                "ivtp:llm_group=0", "ivtp:real_pcls=2", "ivtp:real_pcls=true,llm=false"):
         with pytest.raises(VlmpruneError):
             from_spec(bad)
     with pytest.raises(VlmpruneError):
@@ -223,6 +223,18 @@ def test_ablation_switches_run(tiny_ivtp, settings):
     model, make_inputs, *_ = tiny_ivtp
     logits, counts, slot = _run(model, make_inputs(text_lens=(5, 3)), _ivtp(tiny_ivtp, keep=4, **settings))
     assert counts[-1] == ("llm", 4) and torch.isfinite(logits).all() and torch.isfinite(slot).all()
+
+
+def test_a_real_pseudo_cls_stays_in_the_sequence(tiny_ivtp):
+    """``real_pcls=true``: one more position in the output than with the scoring-only pseudo-[CLS],
+    and the text after it answers differently because it sees it."""
+    model, make_inputs, *_ = tiny_ivtp
+    inputs = make_inputs(text_lens=(5, 3))
+    masked, _, _ = _run(model, inputs, _ivtp(tiny_ivtp, keep=4))
+    real, counts, slot = _run(model, inputs, _ivtp(tiny_ivtp, keep=4, real_pcls=True))
+    assert counts == [("vision", 10), ("llm", 4)] and slot is not None
+    assert real.shape[1] == masked.shape[1] + 1
+    assert not torch.allclose(real[:, -1], masked[:, -1], atol=1e-4)
 
 
 def test_ivtp_v_prunes_in_the_vision_tower_only(tiny_ivtp):

@@ -108,11 +108,17 @@ class TokenMethod(ABC):
         """Which visual tokens go on from ``ctx.site`` (and, for merging methods, their new states)."""
 
     def scoring_token(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
-        """Optional (B, D) LLM-space embedding of a scoring-only token (IVTP's pseudo-[CLS]).
+        """Optional (B, D) LLM-space embedding of a scoring token (IVTP's pseudo-[CLS]).
 
         The engine places it right after the visual tokens with the position of the first text
-        token, masks it as a key for every other token, and drops it after the last LLM site."""
+        token. Unless :meth:`scoring_token_is_real`, it only scores: it is masked as a key for
+        every other token and dropped after the last LLM site."""
         return None
+
+    def scoring_token_is_real(self) -> bool:
+        """True: the scoring token is an ordinary token of the sequence (every later token sees it
+        and it stays to the end); IVTP's "w/ pseudo CLS" variant."""
+        return False
 
     def spec(self) -> str:
         """The SPEC string that rebuilds this method (used in reports)."""

@@ -408,7 +408,7 @@ class _Engine:
         seq.hidden = hidden if index > 0 else seq.hidden
         if index in self.llm_sites:
             seq = self._llm_site(self.llm_sites[index], seq)
-        if seq.scoring is not None and index >= self.last_llm_site:
+        if seq.scoring is not None and index >= self.last_llm_site and not self.method.scoring_token_is_real():
             seq = self._drop_scoring(seq)
         if seq is not st.seq or index == 0:  # layers between sites share one mask and one cos/sin
             st.built = (self._mask(seq.order, seq.order, seq.valid, seq.hidden.dtype, self._key_bias(seq)),
@@ -531,8 +531,8 @@ class _Engine:
         return torch.cumsum(missing, dim=1) - missing
 
     def _insert_scoring(self, seq: _Sequence, embedding: torch.Tensor) -> _Sequence:
-        """Put the scoring-only token right after the last visual token, at the first text token's
-        position, masked as a key for everyone else."""
+        """Put the scoring token right after the last visual token, at the first text token's
+        position; masked as a key for everyone else unless the method makes it a real token."""
         batch, n = seq.src.shape
         device = seq.src.device
         at = seq.visual[:, -1] + 1                                           # (B,)
@@ -543,7 +543,7 @@ class _Engine:
         hidden = torch.where(is_new[..., None], embedding[:, None, :].to(hidden.dtype), hidden)
         src = seq.src.gather(1, source)
         order = torch.where(is_new, seq.order.gather(1, (at - 1)[:, None]) + 1, seq.order.gather(1, source))
-        valid = seq.valid.gather(1, source) & ~is_new
+        valid = seq.valid.gather(1, source) & (~is_new | self.method.scoring_token_is_real())
         is_visual = seq.is_visual.gather(1, source) & ~is_new
         visual = _first_true(is_visual, seq.visual.shape[1])
         return _Sequence(hidden, src, order, valid, is_visual, visual, seq.original, seq.sizes, at)

@@ -48,7 +48,8 @@ TAU_NO_TEXT_ENCODER = 0.0
 class IVTP(TokenMethod):
     """``ivtp:keep=16``; ablations: ``group`` (int or ``all``), ``rollout`` (residual, layer,
     group-mean, mean, max, multiply), ``llm_group``, ``llm_layers``, ``instruction`` (ott, ott+rt,
-    ott+te+rt), ``pcls`` (llm, clip, hybrid, visual), ``tau``, ``llm=false`` (IVTP-V),
+    ott+te+rt), ``pcls`` (llm, clip, hybrid, visual), ``real_pcls=true`` (the pseudo-[CLS] stays in
+    the sequence as a token the text sees, the paper's "w/ pseudo CLS"), ``tau``, ``llm=false`` (IVTP-V),
     ``threshold`` (the 2n rule's, in tokens). ``clip``, ``clip_tokenizer``, ``tokenizer``: the CLIP
     model and tokenizer and the LLM tokenizer (the toy ones are loaded for toy models)."""
 
@@ -56,7 +57,8 @@ class IVTP(TokenMethod):
 
     def __init__(self, keep: int | float = 0.11, group: int | str = 3, rollout: str = "residual",
                  llm_group: int = 3, llm_layers: int | None = None, instruction: str = "ott+te+rt",
-                 pcls: str = "llm", tau: float | None = None, llm: bool = True, threshold: float | None = None,
+                 pcls: str = "llm", real_pcls: bool = False, tau: float | None = None, llm: bool = True,
+                 threshold: float | None = None,
                  clip: Any = None, clip_tokenizer: Any = None, tokenizer: Any = None):
         scorers.resolve_keep(keep, 10**9)
         if group != "all" and (not isinstance(group, int) or group < 1):
@@ -69,11 +71,13 @@ class IVTP(TokenMethod):
             raise VlmpruneError(f"ivtp pcls={pcls!r}; choose one of: {', '.join(PSEUDO_CLS)}")
         if pcls == "clip" and instruction != "ott+te+rt":
             raise VlmpruneError("ivtp pcls=clip needs the CLIP text encoder: use instruction=ott+te+rt")
+        if not isinstance(real_pcls, bool) or (real_pcls and not llm):
+            raise VlmpruneError(f"ivtp real_pcls={real_pcls!r} must be true or false, and true needs the LLM stage")
         if not isinstance(llm_group, int) or llm_group < 1:
             raise VlmpruneError(f"ivtp llm_group={llm_group!r} must be a layer count >= 1")
         self.keep, self.group, self.rollout = keep, group, rollout
         self.llm_group, self.llm_layers, self.instruction = llm_group, llm_layers, instruction
-        self.pcls, self.tau, self.llm, self.threshold = pcls, tau, llm, threshold
+        self.pcls, self.real_pcls, self.tau, self.llm, self.threshold = pcls, real_pcls, tau, llm, threshold
         self._clip, self._clip_tokenizer, self._tokenizer = clip, clip_tokenizer, tokenizer
         self._vit_sites: list[Site] = []
         self._llm_sites: list[Site] = []
@@ -120,6 +124,9 @@ class IVTP(TokenMethod):
         return Reduction(keep=keep)
 
     # -- the pseudo-[CLS] ------------------------------------------------------------------------
+    def scoring_token_is_real(self) -> bool:
+        return self.real_pcls
+
     def scoring_token(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
         """A (B, D) tensor the engine inserts after the visual tokens.
 
