@@ -99,6 +99,8 @@ def test_finetune_with_ivtp_trains_and_cleans_up(processor):
     assert torch.equal(dense_model.model.multi_modal_projector.linear_1.weight, projector)
     assert dense.losses[0] == pytest.approx(pruned.losses[0], rel=0.2)
     assert pruned.peak_saved_mb < 0.8 * dense.peak_saved_mb                 # pruning saves activations
+    real = finetune(_micro(processor), processor, IVTP + ",real_pcls=true", steps=1, batch_size=4, lr=3e-3, seed=0)
+    assert real.losses[0] == pytest.approx(pruned.losses[0], rel=0.2)        # the text stays aligned
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # scanning gc objects touches deprecated torch names

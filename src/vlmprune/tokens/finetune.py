@@ -77,6 +77,9 @@ class _PromptGuided(TokenMethod):
         prompt_only = inputs["attention_mask"] * (~self.answers).to(inputs["attention_mask"].dtype)
         return self.method.scoring_token(model, {**inputs, "attention_mask": prompt_only})
 
+    def scoring_token_is_real(self) -> bool:
+        return self.method.scoring_token_is_real()
+
     def spec(self) -> str:
         return self.method.spec()
 
@@ -85,16 +88,17 @@ def answer_loss(logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Ten
                 image_token_id: int) -> torch.Tensor:
     """Mean next-token loss on the labelled tokens, from logits of a sequence whose visual block may
     have been shortened. Every sample holds one contiguous block of ``n`` image tokens of which the
-    engine kept ``k`` in order, so the text positions of the logits are those outside
-    ``[start, start + k)``; dropping the visual positions from both sides leaves every labelled
-    token right after its predecessor (the token after the image is prompt, never labelled)."""
+    engine kept ``k`` in order (plus a real pseudo-[CLS] right after them, counted in ``k``), so the
+    text positions of the logits are those outside ``[start, start + k)``; dropping the visual
+    positions from both sides leaves every labelled token right after its predecessor (the token
+    after the image is prompt, never labelled)."""
     is_image = input_ids == image_token_id
     batch, length = input_ids.shape
     n_text = length - int(is_image[0].sum())
     kept = logits.shape[1] - n_text
-    if not 0 < kept <= length - n_text or bool((labels[is_image] != -100).any()):
+    if not 0 < kept <= length - n_text + 1 or bool((labels[is_image] != -100).any()):
         raise VlmpruneError("answer_loss needs one block of image tokens per sample, none of them labelled, "
-                            f"and logits for the text plus 1..{length - n_text} kept visual tokens")
+                            f"and logits for the text plus 1..{length - n_text} kept visual tokens (and a pseudo-[CLS])")
     start = is_image.int().argmax(dim=1, keepdim=True)                     # (B, 1)
     rank = torch.arange(n_text, device=input_ids.device).expand(batch, -1)
     before = rank < start
