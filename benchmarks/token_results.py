@@ -31,7 +31,7 @@ from vlmprune.tokens.methods.ivtp import TAU_TOY_CLIP
 BUDGETS = (0.5, 0.25, 0.11, 0.03)
 ABLATION_KEEP = 0.11
 OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
-TAUS = (-0.2, -0.1, -0.05, 0.0, 0.1, 0.3)
+TAUS = (-0.3, -0.2, -0.11, 0.0, 0.1, 0.3)
 GROUPS = (2, 3, 4, 6, "all")
 LLM_DEPTHS = (1, 2, 3, 4, 6)
 
