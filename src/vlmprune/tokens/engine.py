@@ -8,7 +8,7 @@ How it works (docs/ENGINE.md has the full story):
   ``get_image_features`` then scatters the kept features back into their original slots, so the
   model's placeholder check passes, and the dropped slots leave at the first LLM layer.
 * LLM sites are forward pre-hooks with kwargs on the decoder layers. Each layer gets the engine's
-  own 4-D additive mask (causal by original token order, padding and the scoring-only token masked
+  own 4-D additive mask (causal by original token order, padding and a scoring-only token masked
   as keys) and the rotary cos/sin gathered at each kept token's original position, so SDPA stays
   on and kept tokens keep their positions (``positions="compact"`` renumbers them instead).
 * The KV cache then holds a different length per layer; at decode steps each layer's mask is its

@@ -8,9 +8,10 @@
    ("the triangle is red", "the red one is a triangle"), with a curriculum from one object up.
 3. ``instruct``: vision tower frozen; multi-turn conversations over the six tasks, plus captions.
 
-Stages 2 and 3 add the grounding loss (patches resemble the words naming them) and the two lookup
-losses (a word attends to what it names, an answer to each object its question names); see
-:func:`lvlm_losses` and :func:`lookup_losses`.
+Stages 2 and 3 add the grounding loss (patches resemble the words naming them), the two lookup
+losses (a word attends to what it names, an answer to each object its question names) and the
+position loss (the word and the answer hold where those objects are); see :func:`lvlm_losses`,
+:func:`lookup_losses` and :func:`position_losses`.
 
 toy-large and toy-small share the vision tower, so stages 2 and 3 train both on the same batches and
 compute the (frozen) vision features once. Everything is seeded; step counts, not wall time, define
@@ -208,7 +209,7 @@ class ClipTrainer(nn.Module):
 
 def _clip_batch(rng: random.Random, batch: int, clip_tokenizer):
     # Every large circle and square carries a digit here: digits are the slowest patch label to
-    # learn, and at the test distribution's rate (one object in eight) the tower never learnt to read them.
+    # learn, and at the test distribution's rate (one object in twelve) the tower never learnt to read them.
     scenes = [sample_scene(rng, rng.randint(1, MAX_OBJECTS), glyph_rate=1.0) for _ in range(batch)]
     rendered = [render(s) for s in scenes]
     labels = [patch_labels(s, index_map) for s, (_, index_map) in zip(scenes, rendered)]
