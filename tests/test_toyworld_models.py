@@ -19,7 +19,7 @@ from vlmprune.toyworld.processor import build_processor
 from vlmprune.toyworld.tokenizers import build_clip_tokenizer, build_llm_tokenizer, corpus
 from vlmprune.toyworld.train import (ClipTrainer, NamingWords, PositionReadout, SequenceBuilder, StageSettings,
                                      _clip_batch, _lvlm_batch, accuracy_by_task, lookup_losses, lvlm_losses,
-                                     naming_words, new_lvlm, pixel_values, position_losses, train,
+                                     name_targets, naming_words, new_lvlm, pixel_values, position_losses, train,
                                      vision_features)
 
 MICRO = {"toy-clip": "micro", "toy-large": "micro", "toy-small": "micro"}
@@ -88,11 +88,11 @@ def test_lookup_losses_are_minus_log_of_the_attention_mass_on_what_is_named():
     first[0, 0, 7, :3] = torch.tensor([0.25, 0.0, 0.25])  # the answer "red" is a naming word too: 0.5
     second = torch.zeros(1, 2, 8, 8)
     second[0, 0, 6, 3:6] = torch.tensor([0.3, 0.2, 0.4])  # answer start: 0.5 on "red star", not "blue"
-    losses = lookup_losses((first, second), input_ids, labels, 5, targets, words)
+    losses = lookup_losses((first, second), input_ids, 5, name_targets(input_ids, labels, targets, words))
     assert losses["lookup"].item() == pytest.approx(-(math.log(0.4) + math.log(0.2) + math.log(0.5)) / 3, rel=1e-5)
     assert losses["answer_lookup"].item() == pytest.approx(-math.log(0.5), rel=1e-5)
     with pytest.raises(VlmpruneError, match="eager"):
-        lookup_losses((None, None), input_ids, labels, 5, targets, words)
+        lookup_losses((None, None), input_ids, 5, name_targets(input_ids, labels, targets, words))
 
 
 def test_answer_lookup_gives_each_named_object_of_the_stem_its_own_head():
@@ -107,7 +107,7 @@ def test_answer_lookup_gives_each_named_object_of_the_stem_its_own_head():
     second[0, 0, 8, [3, 5, 7]] = torch.tensor([0.6, 0.3, 0.05])  # head 0 at the first answer: the star
     second[0, 1, 8, [3, 5]] = torch.tensor([0.1, 0.8])            # head 1: the circle; the option "red" is no phrase
     second[0, 0, 12, [5, 10]] = torch.tensor([0.2, 0.7])          # second answer: only its own "circle" counts
-    losses = lookup_losses((first, second), input_ids, labels, 5, targets, words)
+    losses = lookup_losses((first, second), input_ids, 5, name_targets(input_ids, labels, targets, words))
     head0 = -(math.log(0.6) + math.log(0.7)) / 2
     assert losses["answer_lookup"].item() == pytest.approx((head0 - math.log(0.8)) / 2, rel=1e-5)
 
@@ -128,7 +128,7 @@ def test_position_loss_targets_the_centre_of_what_each_word_and_each_question_na
     words_term = (star + 2 * circle + 2 * red) / 10                   # star, circle, red, circle, red
     first = (star + circle) / 4                                       # answer 1: the star; answer 2: the circle
     second = circle / 2                                               # answer 1 only: the circle
-    loss = position_losses(hidden, input_ids, labels, targets, words, readout)
+    loss = position_losses(hidden, name_targets(input_ids, labels, targets, words), readout)
     assert loss.item() == pytest.approx((words_term + first + second) / 3, rel=1e-5)
 
 

@@ -351,11 +351,10 @@ def lvlm_losses(model: LlavaForConditionalGeneration, features: torch.Tensor, ba
                     output_attentions=words is not None, output_hidden_states=readout is not None)
     out = {"text": forward.loss}
     if words is not None:
-        out.update(lookup_losses(forward.attentions, batch["input_ids"], batch["labels"],
-                                 model.config.image_token_id, batch["patch_targets"], words))
+        targets = name_targets(batch["input_ids"], batch["labels"], batch["patch_targets"], words)
+        out.update(lookup_losses(forward.attentions, batch["input_ids"], model.config.image_token_id, targets))
         if readout is not None:
-            out["where"] = position_losses(forward.hidden_states, batch["input_ids"], batch["labels"],
-                                           batch["patch_targets"], words, readout)
+            out["where"] = position_losses(forward.hidden_states, targets, readout)
         patches = F.normalize(image.float(), dim=-1)
         terms = []
         for name, ids in words.ids.items():
@@ -397,16 +396,17 @@ def _count_within_turn(flags: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class _NameTargets:
+class NameTargets:
     named: torch.Tensor      # (B, L, patches): which patches each token names
     rows: torch.Tensor       # (R,) sample of each answer start
     positions: torch.Tensor  # (R,) position of each answer start
     phrases: torch.Tensor    # (R, L): phrase number (1, 2, ...) of each naming word of the answer's question stem
 
 
-def _name_targets(input_ids, labels, patch_targets, words: NamingWords) -> _NameTargets:
+def name_targets(input_ids, labels, patch_targets, words: NamingWords) -> NameTargets:
     """What each token names, and for every answer start the naming phrases of its own question's stem
-    (a phrase: adjacent naming words, "red triangle"; the options of a multiple choice come after "?")."""
+    (a phrase: adjacent naming words, "red triangle"; the options of a multiple choice come after "?").
+    Computed once per batch for both :func:`lookup_losses` and :func:`position_losses`."""
     named = named_patches(input_ids, patch_targets, words.ids)
     # Answer starts: the last prompt token of each turn (its label is -100, the next one's is not).
     starts = torch.zeros_like(labels, dtype=torch.bool)
@@ -419,11 +419,11 @@ def _name_targets(input_ids, labels, patch_targets, words: NamingWords) -> _Name
     phrase = torch.where(naming, _count_within_turn(phrase_starts, turn), 0)
     rows, positions = starts.nonzero(as_tuple=True)
     own_question = (turn[rows] == turn[rows, positions][:, None]) & (torch.arange(input_ids.shape[1]) < positions[:, None])
-    return _NameTargets(named, rows, positions, torch.where(own_question, phrase[rows], 0))
+    return NameTargets(named, rows, positions, torch.where(own_question, phrase[rows], 0))
 
 
-def lookup_losses(attentions, input_ids: torch.Tensor, labels: torch.Tensor, image_token_id: int,
-                  patch_targets: dict[str, torch.Tensor], words: NamingWords) -> dict[str, torch.Tensor]:
+def lookup_losses(attentions, input_ids: torch.Tensor, image_token_id: int,
+                  targets: NameTargets) -> dict[str, torch.Tensor]:
     """Attention hops that find objects by their names, each as minus the log of an attention mass.
 
     ``lookup``: head 0 of the first LLM layer, at every word naming a colour, shape or digit present in the
@@ -441,7 +441,6 @@ def lookup_losses(attentions, input_ids: torch.Tensor, labels: torch.Tensor, ima
     image_columns = is_image.nonzero()[:, 1].view(input_ids.shape[0], -1)
     first = attentions[0][:, LOOKUP_HEAD]
     on_image = first.gather(2, image_columns[:, None, :].expand(-1, first.shape[1], -1))
-    targets = _name_targets(input_ids, labels, patch_targets, words)
     losses = {"lookup": _minus_log_mass(on_image, targets.named)}
     second = attentions[1][targets.rows, :, targets.positions]                       # (R, heads, L)
     most = int(targets.phrases.max()) if targets.phrases.numel() else 0
@@ -466,14 +465,12 @@ def _centroids(patches: torch.Tensor) -> torch.Tensor:
     return (patches.float() @ coords) / patches.sum(dim=-1, keepdim=True).clamp(min=1)
 
 
-def position_losses(hidden_states, input_ids: torch.Tensor, labels: torch.Tensor, patch_targets: dict[str, torch.Tensor],
-                    words: NamingWords, readout: PositionReadout) -> torch.Tensor:
+def position_losses(hidden_states, targets: NameTargets, readout: PositionReadout) -> torch.Tensor:
     """``where``: after the first LLM layer, each naming word holds the position of what it names; after
     the second, each answer start holds the positions of its question's first two named objects (linear
     readouts, mean squared error). The lookups brought the named object's patches to the word, yet a probe
     read its column there with R^2 0.0: the LLM carried what the object was, not where, and spatial
     questions stayed at chance."""
-    targets = _name_targets(input_ids, labels, patch_targets, words)
     naming = targets.named.any(dim=-1)
     terms = [F.mse_loss(readout.word(hidden_states[1][naming].float()), _centroids(targets.named[naming]))] if naming.any() else []
     predicted = readout.answer(hidden_states[2][targets.rows, targets.positions].float()).view(-1, ANSWER_PHRASES, 2)
