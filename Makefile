@@ -3,17 +3,19 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LATEST := .venv-latest
 
-.PHONY: setup demo demo-quick test bench clean
+.PHONY: setup demo demo-quick test test-latest bench clean
 
 setup: $(STAMP)
 
-# torch==2.13.0 first: the CPU build on disk, so the range in pyproject installs nothing larger.
-$(STAMP): pyproject.toml
+# Everything through constraints.txt: the exact versions the tests passed on. torch==2.13.0 there is
+# the CPU build on disk; installing it first keeps the package's range from pulling a larger build.
+$(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -c constraints.txt pip
+	$(BIN)/pip install -q -c constraints.txt torch
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 demo: setup
@@ -25,8 +27,19 @@ demo-quick: setup
 test: setup
 	$(BIN)/python -m pytest tests
 
+# The newest release of every direct dependency, no constraints and no upper bounds, in a separate
+# environment: finds the next breaking release. Not part of CI; record the result in the README.
+test-latest:
+	rm -rf $(LATEST)
+	$(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip
+	$(LATEST)/bin/pip install -q --upgrade $$($(PY) tools/dependency_names.py)
+	$(LATEST)/bin/pip install -q --no-deps -e .
+	$(LATEST)/bin/pip list 2>/dev/null | grep -iE '^(torch|transformers|safetensors|tokenizers|numpy) '
+	$(LATEST)/bin/python -m pytest tests
+
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) demo-report .pytest_cache
+	rm -rf $(VENV) $(LATEST) demo-report .pytest_cache

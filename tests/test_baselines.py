@@ -6,6 +6,8 @@ from vlmprune.errors import VlmpruneError
 from vlmprune.tokens import apply, from_spec
 from vlmprune.tokens.base import ModelPlan, Site, SiteContext
 
+from decoding import Frozen, logits_without_cache
+
 LLAVA15 = ModelPlan(family="llava", n_vision_layers=24, vision_feature_layer=22, n_llm_layers=32, has_cls=True)
 QWEN = ModelPlan(family="qwen2_vl", n_vision_layers=0, vision_feature_layer=0, n_llm_layers=28, has_cls=False)
 
@@ -204,10 +206,19 @@ def test_counted_flops_for_visionzip_on_a_meta_copy(tiny):
         assert pruned.flops.llm < dense.flops.llm and pruned.flops.vision <= dense.flops.vision, spec
 
 
-def test_methods_generate_on_tiny_llava(tiny):
+@pytest.mark.parametrize("spec", ["downsample:keep=4", "tome:keep=4", "visionzip:keep=5", "pyramiddrop"])
+def test_methods_generate_on_tiny_llava(tiny, spec):
+    """Merging, resizing and multi-stage methods: each shortens the prompt, and every generated step's
+    logits equal a no-cache forward that replays the same pruning (a padded batch of two)."""
     model, make_inputs = tiny("llava")
     inputs = make_inputs(text_lens=(5, 3))
-    for spec in ("downsample:keep=4", "tome:keep=4", "visionzip:keep=5", "pyramiddrop"):
-        with apply(model, from_spec(spec)), torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        assert out.shape == (2, inputs["input_ids"].shape[1] + 2), spec
+    frozen = Frozen(from_spec(spec))
+    with apply(model, frozen), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, eos_token_id=None,
+                             output_logits=True, return_dict_in_generate=True)
+        frozen.replaying = True
+        prefill = model(**inputs).logits
+        reference = logits_without_cache(model, inputs, out.sequences[:, -3:])
+    assert prefill.shape[1] < inputs["input_ids"].shape[1]
+    for cached, recomputed in zip(out.logits, reference, strict=True):
+        assert (cached - recomputed).abs().max() <= 1e-4

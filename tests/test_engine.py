@@ -11,6 +11,8 @@ from vlmprune.models import get_adapter
 from vlmprune.models.tiny import IMAGE_TOKEN, build_tiny, sample
 from vlmprune.tokens import Reduction, Site, TokenMethod
 
+from decoding import greedy_without_cache
+
 STEPS = 4
 
 
@@ -73,20 +75,6 @@ def n_visual(inputs):
 def logits(model, inputs):
     with torch.no_grad():
         return model(**inputs).logits
-
-
-def greedy_without_cache(model, inputs, steps):
-    inputs = dict(inputs)
-    new = []
-    for _ in range(steps):
-        with torch.no_grad():
-            token = model(**inputs, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-        new.append(token)
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], token], 1)
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1)
-        if "mm_token_type_ids" in inputs:
-            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(token).int()], 1)
-    return torch.cat(new, 1)
 
 
 def test_a_method_without_reduce_cannot_be_built():
@@ -341,7 +329,8 @@ def test_a_real_scoring_token_is_an_ordinary_token_of_the_sequence(tiny):
         reference = model.lm_head(hidden)
     with vp.tokens.apply(model, method):
         out = logits(model, inputs)
-    assert out.shape == reference.shape and (out - reference).abs().max() <= 5e-4
+    # 1e-5: the same token one position earlier (the last visual token's) is 1e-4 off on this model
+    assert out.shape == reference.shape and (out - reference).abs().max() <= 1e-5
     dense = logits(model, inputs)
     assert (dense - torch.cat([reference[:, :at], reference[:, at + 1:]], 1)).abs().max() > 1e-2  # it matters
     with vp.tokens.apply(model, method):

@@ -279,3 +279,93 @@ def test_generate_encodes_the_image_first_and_still_fills_the_pseudo_cls(tiny_iv
     with apply(model, method), torch.no_grad():
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert len(slots) == 1 and torch.allclose(slots[0], _instruction_mean(model, inputs), atol=1e-6)
+
+
+def _llm_site_calls(model, inputs, method):
+    """(ctx, reduction) of every LLM-site call of ``method`` in one forward."""
+    calls, reduce = [], method.reduce
+
+    def recording(ctx):
+        reduction = reduce(ctx)
+        if ctx.site.where == "llm":
+            calls.append((ctx, reduction))
+        return reduction
+
+    method.reduce = recording
+    with apply(model, method), torch.no_grad():
+        model(**inputs)
+    return calls
+
+
+def _expected_llm_keep(ctx, layers, count):
+    """IVTP's LLM stage written out from full attention maps: residual rollout ``R <- norm(A + I) @ R``
+    over the group, the pseudo-[CLS] row, times the value norms of the group's last layer, top ``count``."""
+    batch, n = ctx.hidden.shape[:2]
+    rollout = torch.eye(n).expand(batch, n, n)
+    for layer in layers:
+        step = ctx.attention(layer).float() + torch.eye(n)
+        rollout = (step / step.sum(-1, keepdim=True)) @ rollout
+    row = rollout[torch.arange(batch), ctx.query]
+    score = row.gather(1, ctx.visual) * ctx.values(layers[-1]).float().norm(dim=-1).gather(1, ctx.visual)
+    return score.topk(count, dim=1).indices.sort(1).values
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_llm_stage_ranks_the_rollout_row_of_the_pseudo_cls(tiny, tiny_ivtp, family):
+    """The LLM stage scores visual tokens from the pseudo-[CLS] row (right after the visual tokens, not
+    the last prompt token) of the rollout over its whole group, and keeps the top ones."""
+    if family == "llava":
+        model, make_inputs, *_ = tiny_ivtp
+        method = _ivtp(tiny_ivtp, keep=3, llm_group=3, llm_layers=3)
+    else:
+        model, make_inputs = tiny(family)
+        method = IVTP(keep=3, llm_group=3, llm_layers=3)
+    inputs = make_inputs(text_lens=(6, 4), seed=5)
+    ((ctx, reduction),) = _llm_site_calls(model, inputs, method)
+    assert torch.equal(ctx.query, ctx.visual[:, -1] + 1)
+    assert ctx.query.max() < ctx.hidden.shape[1] - 1          # the last prompt token is elsewhere
+    expected = _expected_llm_keep(ctx, [0, 1, 2], reduction.keep.shape[1])
+    assert torch.equal(reduction.keep.sort(1).values, expected)
+    last_layer_only = _expected_llm_keep_last_layer(ctx, 2, reduction.keep.shape[1])
+    last_token = _expected_llm_keep(type(ctx)(**{**vars(ctx), "query": torch.full_like(ctx.query, ctx.hidden.shape[1] - 1)}),
+                                    [0, 1, 2], reduction.keep.shape[1])
+    assert not torch.equal(expected, last_layer_only) and not torch.equal(expected, last_token)  # the case tells them apart
+
+
+def _expected_llm_keep_last_layer(ctx, layer, count):
+    row = ctx.attention(layer).float()[torch.arange(ctx.hidden.shape[0]), ctx.query]
+    score = row.gather(1, ctx.visual) * ctx.values(layer).float().norm(dim=-1).gather(1, ctx.visual)
+    return score.topk(count, dim=1).indices.sort(1).values
+
+
+@pytest.mark.parametrize("instruction", ["ott+rt", "ott+te+rt"])
+def test_pseudo_cls_is_the_mean_of_exactly_the_tokens_over_tau(tiny_ivtp, instruction):
+    """With tau between the lowest and the highest relevance, the pseudo-[CLS] is the mean of the
+    instruction tokens at or above tau: neither all of them nor the fallback."""
+    model, make_inputs, clip, clip_tokenizer, tokenizer = tiny_ivtp
+    inputs = make_inputs(text_lens=(6,), seed=2)
+    probe = _ivtp(tiny_ivtp, keep=4, instruction=instruction)
+    relevances = []
+    if instruction == "ott+rt":
+        fill = probe._fill_pseudo_cls
+
+        def capture(sequence, slot, instructions, model, adapter):
+            visual_cls = adapter.projector(sequence[:, 0])
+            relevances.append(torch.nn.functional.cosine_similarity(instructions[0][1].float(),
+                                                                    visual_cls[0].float()[None], dim=-1))
+            return fill(sequence, slot, instructions, model, adapter)
+
+        probe._fill_pseudo_cls = capture
+    else:
+        text_relevance = probe._text_relevance
+        probe._text_relevance = lambda *a: relevances.append(text_relevance(*a)[0]) or text_relevance(*a)
+    _run(model, inputs, probe)
+    (relevance,) = relevances
+    tau = float(relevance.median())
+    passing = relevance >= tau
+    assert 0 < int(passing.sum()) < len(relevance)
+    _, _, slot = _run(model, inputs, _ivtp(tiny_ivtp, keep=4, instruction=instruction, tau=tau))
+    after = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero().max()) + 1
+    embeds = model.get_input_embeddings()(inputs["input_ids"][0, after:])
+    assert torch.allclose(slot[0], embeds[passing].mean(0), atol=1e-6)
+    assert not torch.allclose(slot[0], embeds.mean(0), atol=1e-4)

@@ -8,7 +8,9 @@ import pytest
 
 from vlmprune import tokens
 from vlmprune.errors import VlmpruneError
+from vlmprune.models import get_adapter
 from vlmprune.measure.flops import TokenSchedule
+from vlmprune.measure import latency
 from vlmprune.measure.latency import decode_tokens_per_s, prefill_ms
 from vlmprune.measure.memory import analytic_kv_cache_bytes, kv_cache_bytes
 
@@ -23,13 +25,42 @@ def schedule(lengths: list[int]) -> TokenSchedule:
     return TokenSchedule(vision=[], crops=1, projector=0, llm=lengths, head=lengths[-1])
 
 
-def test_prefill_and_decode_are_positive_and_finite(llava):
+class FakeClock:
+    """Stands in for ``time`` in the latency module: each reading advances by the next of ``steps`` (s)."""
+
+    def __init__(self, steps):
+        self.now, self.steps = 0.0, list(steps)
+
+    def perf_counter(self):
+        self.now += self.steps.pop(0) if self.steps else 0.0
+        return self.now
+
+
+def test_prefill_is_the_median_of_the_timed_runs_with_the_method_attached(llava, monkeypatch):
     model, inputs = llava
-    for method in (None, tokens.from_spec("fastv:layer=2,keep=0.5")):
-        ms = prefill_ms(model, inputs, method, repeats=2, warmup=1)
-        rate = decode_tokens_per_s(model, inputs, method, new_tokens=3, repeats=1, warmup=0)
-        assert 0 < ms < 60_000 and math.isfinite(ms)
-        assert rate > 0 and math.isfinite(rate)
+    lengths = []
+    hook = get_adapter(model).llm_layers[-1].register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(args[0].shape[1] if args else kwargs["hidden_states"].shape[1]),
+        with_kwargs=True)
+    # the warm-up reads the clock once (at its start), each timed run twice: runs of 1, 3 and 2 s
+    monkeypatch.setattr(latency, "time", FakeClock([100, 0, 1, 0, 3, 0, 2]))
+    try:
+        ms = prefill_ms(model, inputs, tokens.from_spec("fastv:layer=2,keep=0.5"), repeats=3, warmup=1)
+    finally:
+        hook.remove()
+    assert ms == pytest.approx(2000.0)
+    assert lengths == [inputs["input_ids"].shape[1] - 8] * 4          # pruned in every run, warm-up included
+    assert getattr(model, "_vlmprune_engine", None) is None           # detached afterwards
+
+
+def test_decode_rate_counts_the_steps_after_the_first_token(llava, monkeypatch):
+    model, inputs = llava
+    # the clock is read once per generated token; 0.5 s apart: 3 decode steps in 1.5 s = 2 tokens/s
+    monkeypatch.setattr(latency, "time", FakeClock([0.5] * 100))
+    rate = decode_tokens_per_s(model, inputs, tokens.from_spec("fastv:layer=2,keep=0.5"), new_tokens=4,
+                               repeats=2, warmup=1)
+    assert rate == pytest.approx(2.0)
+    assert math.isfinite(rate)
 
 
 def test_kv_cache_bytes_measured_equals_analytic(llava):

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..models import get_adapter
+from ..models.forward_args import layer_hidden
 from ..models.presets import Preset
 from ..tokens.base import SiteContext, TokenMethod
 from .meta import ShapeOnlyMode, build_meta_model, counting_inputs
@@ -275,22 +276,18 @@ class _ScheduleRecorder:
         self._hooks.append(adapter.projector.register_forward_pre_hook(self._on_projector, with_kwargs=True))
         self._hooks.append(adapter.lm_head.register_forward_pre_hook(self._on_head, with_kwargs=True))
 
-    @staticmethod
-    def _hidden(args, kwargs) -> torch.Tensor:
-        return args[0] if args else kwargs["hidden_states"]
-
     def _on_llm(self, module, args, kwargs):
-        self.llm.append(self._hidden(args, kwargs).shape[1])
+        self.llm.append(layer_hidden(args, kwargs).shape[1])
 
     def _on_vision(self, module, args, kwargs):
-        hidden = self._hidden(args, kwargs)
+        hidden = layer_hidden(args, kwargs)
         self.vision.append((hidden.shape[0], hidden.shape[1]))
 
     def _on_projector(self, module, args, kwargs):
-        self.projector += self._hidden(args, kwargs).shape[:-1].numel()
+        self.projector += layer_hidden(args, kwargs).shape[:-1].numel()
 
     def _on_head(self, module, args, kwargs):
-        self.head += self._hidden(args, kwargs).shape[1]
+        self.head += layer_hidden(args, kwargs).shape[1]
 
     def remove(self) -> None:
         for hook in self._hooks:

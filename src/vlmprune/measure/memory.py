@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.forward_args import output_cache
 from ..tokens.base import TokenMethod
 from .flops import TokenSchedule, attention_widths
 from .latency import attached
@@ -29,7 +30,7 @@ def kv_cache_bytes(model: nn.Module, inputs: dict[str, Any], method: TokenMethod
     """Bytes of the KV cache after one prefill of ``inputs`` (``method`` attached when given)."""
     with attached(model, method), torch.no_grad():
         outputs = model(**inputs, use_cache=True)
-    return cache_bytes(outputs.past_key_values)
+    return cache_bytes(output_cache(outputs))
 
 
 def analytic_kv_cache_bytes(text_config, schedule: TokenSchedule, bytes_per_value: int, batch: int = 1) -> int:

@@ -27,6 +27,8 @@ from torch import nn
 
 from ..errors import VlmpruneError
 from ..models import ModelAdapter, get_adapter
+from ..models.forward_args import (LAYER_ARGS, LLM_ARGS, MODEL_ARGS, check_signature, find_cache, layer_hidden,
+                                   required)
 from .base import ModelPlan, Reduction, Site, SiteContext, TokenMethod
 
 Positions = Literal["original", "compact"]
@@ -78,6 +80,7 @@ class _VisionStage:
     original: torch.Tensor | None = None     # (B, k) original patch indices still present
     sizes: torch.Tensor | None = None
     pruned: bool = False
+    pending: bool = False                     # encoded outside a forward (generate), not yet used by a prefill
 
 
 @dataclass
@@ -190,6 +193,10 @@ class _Engine:
 
     def _install(self) -> None:
         a = self.adapter
+        check_signature(self.model, MODEL_ARGS)
+        check_signature(a.llm, LLM_ARGS)
+        for layer in a.llm_layers:
+            check_signature(layer, LAYER_ARGS)
         self._hooks.append(self.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
         self._hooks.append(self.model.register_forward_hook(self._after_model, always_call=True))
         self._hooks.append(a.llm.register_forward_pre_hook(self._on_llm, with_kwargs=True))
@@ -229,8 +236,11 @@ class _Engine:
         inputs = dict(kwargs)
         if args:
             inputs.setdefault("input_ids", args[0])
-        cache = inputs.get("past_key_values")
-        encoded = (inputs.get("mm_encoder_outputs") or {}).get("image") is not None
+        cache = find_cache(inputs)
+        filled = cache is not None and cache.get_seq_length(self.plan.n_llm_layers - 1) > 0
+        # generate() encodes the images first and hands the features (under a release-specific keyword)
+        # to the prefill that follows: that prefill is the first forward with an empty cache
+        encoded = self.vision_stage is not None and self.vision_stage.pending and not filled
         if inputs.get("pixel_values") is not None or encoded:
             if inputs.get("input_ids") is None:
                 raise VlmpruneError("token pruning needs input_ids (to find the image tokens), not inputs_embeds")
@@ -238,11 +248,12 @@ class _Engine:
             self.records = {}
             stage = self.vision_stage if encoded else None
             if stage is not None:
+                stage.pending = False
                 inputs = {**stage.inputs, **inputs}
             self.state = _ForwardState(inputs=inputs, vision=stage,
                                        method_state=stage.method_state if stage is not None else {})
             self.state.scoring_embedding = self.method.scoring_token(self.model, inputs)
-        elif self.state is not None and cache is not None and cache.get_seq_length(self.plan.n_llm_layers - 1) > 0:
+        elif self.state is not None and filled:
             self.mode = "decode"
         else:
             self.mode = "off"
@@ -262,18 +273,18 @@ class _Engine:
             return None
         st = self.state
         position_ids = kwargs.get("position_ids")
+        embeds = required(kwargs, "inputs_embeds", "the LLM's forward")
         if self.mode == "prefill":
-            embeds = kwargs.get("inputs_embeds")
             st.prompt_length = embeds.shape[1]
             if position_ids is None:
                 position_ids = torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[0], -1)
             st.prompt_positions = position_ids[-3:] if position_ids.dim() == 3 else position_ids
             return None
-        step = kwargs["inputs_embeds"].shape[1]
+        step = embeds.shape[1]
         st.decoded += step
         if position_ids is None:  # the LLM would count the (shorter) first layer's cache
             start = st.prompt_length + st.decoded - step
-            kwargs["position_ids"] = torch.arange(start, start + step, device=kwargs["inputs_embeds"].device)[None]
+            kwargs["position_ids"] = torch.arange(start, start + step, device=embeds.device)[None]
             return args, kwargs
         return None
 
@@ -283,7 +294,7 @@ class _Engine:
         features go back to their original slots (zeros elsewhere) so the placeholder count holds."""
         in_forward = self._in_forward and self.mode == "prefill"
         stage = _VisionStage(inputs={"pixel_values": args[0] if args else kwargs.get("pixel_values"), **kwargs},
-                             method_state=self.state.method_state if in_forward else {})
+                             method_state=self.state.method_state if in_forward else {}, pending=not in_forward)
         self.vision_stage = stage
         self.records = {key: value for key, value in self.records.items() if key[0] != "vision"}
         self._encoding = True
@@ -360,11 +371,11 @@ class _Engine:
         def hook(module, args, kwargs):
             if self.mode == "off":
                 return None
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = layer_hidden(args, kwargs)
             if self.mode == "prefill":
                 hidden, mask, cos, sin = self._prefill_layer(index, hidden, kwargs)
             else:
-                mask, cos, sin = self._decode_layer(index, hidden, kwargs)
+                mask, cos, sin = self._decode_layer(index, hidden, args, kwargs)
             kwargs = {**kwargs, "attention_mask": mask, "position_embeddings": (cos, sin), "position_ids": None}
             if args:
                 return (hidden, *args[1:]), kwargs
@@ -381,7 +392,7 @@ class _Engine:
             raise VlmpruneError(f"token pruning supports one image per sample; got "
                                 f"{0 if stage is None else stage.n_images} images for {batch} samples")
         copies = batch // stage.n_images    # generate(num_beams=..., num_return_sequences=...) repeats samples
-        cos, sin = kwargs["position_embeddings"]
+        cos, sin = required(kwargs, "position_embeddings", "a decoder layer's forward")
         st.full_cos, st.full_sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
         index = torch.arange(length, device=device).expand(batch, -1)
         mask = st.inputs.get("attention_mask")
@@ -421,9 +432,9 @@ class _Engine:
         st.layer_keys[index] = (seq.valid, self._key_bias(seq))
         return seq.hidden, mask, cos, sin
 
-    def _decode_layer(self, index: int, hidden: torch.Tensor, kwargs: dict):
+    def _decode_layer(self, index: int, hidden: torch.Tensor, args: tuple, kwargs: dict):
         st = self.state
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(kwargs, args)
         if cache is None:
             raise VlmpruneError("decode steps after a pruned prefill need the KV cache (use_cache=True)")
         step = hidden.shape[1]
@@ -437,7 +448,7 @@ class _Engine:
         query_order = torch.arange(generated - step + 1, generated + 1, device=device).expand(prefix.shape[0], -1)
         bias = None if prefix_bias is None else torch.cat([prefix_bias, prefix_bias.new_zeros(prefix.shape[0], generated)], 1)
         mask = self._mask(query_order, key_order, keys, hidden.dtype, bias, diagonal=False)
-        cos, sin = kwargs["position_embeddings"]
+        cos, sin = required(kwargs, "position_embeddings", "a decoder layer's forward")
         if self.positions == "compact":
             cos, sin = self._compact_decode_rotary(index, hidden, kwargs)
         return mask, cos, sin
@@ -541,7 +552,8 @@ class _Engine:
         is_new = slots == at[:, None]
         hidden = _gather(seq.hidden, source)
         hidden = torch.where(is_new[..., None], embedding[:, None, :].to(hidden.dtype), hidden)
-        src = seq.src.gather(1, source)
+        first_text = seq.src.gather(1, at.clamp(max=n - 1)[:, None])                 # its rotary position
+        src = torch.where(is_new, first_text, seq.src.gather(1, source))
         order = torch.where(is_new, seq.order.gather(1, (at - 1)[:, None]) + 1, seq.order.gather(1, source))
         valid = seq.valid.gather(1, source) & (~is_new | self.method.scoring_token_is_real())
         is_visual = seq.is_visual.gather(1, source) & ~is_new

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import VlmpruneError
+from ..models.forward_args import layer_hidden, without_cache
 from .placement import block_on, rest_on
 
 
@@ -53,8 +54,8 @@ def capture_inputs(model: nn.Module, adapter, calibration: Sequence[Any], device
     captured = BlockInputs([], [], [])
 
     def stop(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        hidden = layer_hidden(args, kwargs)
+        kwargs = {k: v for k, v in without_cache(kwargs).items() if k != "hidden_states"}
         captured.hidden.append(hidden.detach().to(device))
         captured.kwargs.append(_to(kwargs, device))
         raise _Stop
