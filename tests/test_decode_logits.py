@@ -8,13 +8,16 @@ modes, one unpadded sample and a left-padded batch of two: the logits of every g
 The reference replays the prefill's own pruning decisions (``Frozen``), so the comparison tests the
 cache, masks and positions, not whether a method would choose the same tokens for a longer prompt.
 """
+import inspect
+
 import pytest
 import torch
 
 import vlmprune as vp
+from vlmprune.models.forward_args import output_cache
 from vlmprune.models.tiny import FAMILIES
 
-from decoding import Frozen, logits_without_cache
+from decoding import Frozen, append_token, logits_without_cache
 
 STEPS = 3
 METHODS = {
@@ -55,3 +58,28 @@ def test_the_cases_prune_something(tiny):
         with vp.tokens.apply(model, METHODS[method]), torch.no_grad():
             length = model(**inputs).logits.shape[1]
         assert length < inputs["input_ids"].shape[1], f"{method} on {family} pruned nothing"
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+def test_a_hand_written_decode_loop_without_position_ids(tiny, family):
+    """A user's own loop passes the returned cache back with no position ids: the LLM would number the
+    new token by the first layer's (pruned) cache length; the engine gives it its original position."""
+    model, make_inputs = tiny(family)
+    inputs = make_inputs(text_lens=(5,), seed=3)
+    frozen = Frozen(vp.tokens.from_spec("divprune:keep=0.5"))
+    cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.24
+    with vp.tokens.apply(model, frozen), torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        cache, step_inputs, cached = output_cache(out), dict(inputs), [out.logits[:, -1]]
+        tokens = []
+        for _ in range(STEPS - 1):
+            token = cached[-1].argmax(-1, keepdim=True)
+            tokens.append(token)
+            step_inputs = append_token(step_inputs, token)
+            out = model(input_ids=token, attention_mask=step_inputs["attention_mask"], use_cache=True,
+                        **{cache_keyword: cache})
+            cached.append(out.logits[:, -1])
+        frozen.replaying = True
+        reference = logits_without_cache(model, inputs, torch.cat(tokens + [tokens[-1]], 1))
+    for step, (a, b) in enumerate(zip(cached, reference)):
+        assert (a - b).abs().max() <= 1e-4, f"step {step}"

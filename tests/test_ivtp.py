@@ -7,7 +7,7 @@ from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
 from vlmprune.errors import VlmpruneError
 from vlmprune.tokens import apply, from_spec
-from vlmprune.tokens.base import ModelPlan, Site, SiteContext
+from vlmprune.tokens.base import ModelPlan, Reduction, Site, SiteContext
 from vlmprune.tokens.methods.ivtp import IVTP, llm_token_spans
 
 LLAVA15 = ModelPlan(family="llava", n_vision_layers=24, vision_feature_layer=22, n_llm_layers=32, has_cls=True)
@@ -216,13 +216,33 @@ def test_pseudo_cls_is_relevant_text_or_the_projected_visual_cls(tiny_ivtp):
     assert torch.allclose(slot, _instruction_mean(model, inputs), atol=1e-6)
 
 
+def _decisions(tiny_ivtp, inputs, **settings):
+    """Every site's (where, layer) and keep set, and the pseudo-[CLS], of one forward."""
+    model = tiny_ivtp[0]
+    method = _ivtp(tiny_ivtp, keep=4, **settings)
+    kept, reduce = [], method.reduce
+    method.reduce = lambda ctx: kept.append((ctx.site.where, ctx.site.layer, reduce(ctx).keep)) or Reduction(kept[-1][2])
+    _, _, slot = _run(model, inputs, method)
+    return kept, slot
+
+
 @pytest.mark.parametrize("settings", [dict(instruction="ott+rt"), dict(pcls="clip"), dict(pcls="visual"),
                                       dict(group="all", rollout="multiply"), dict(rollout="group-mean"),
-                                      dict(llm_group=1, llm_layers=2)])
-def test_ablation_switches_run(tiny_ivtp, settings):
-    model, make_inputs, *_ = tiny_ivtp
-    logits, counts, slot = _run(model, make_inputs(text_lens=(5, 3)), _ivtp(tiny_ivtp, keep=4, **settings))
-    assert counts[-1] == ("llm", 4) and torch.isfinite(logits).all() and torch.isfinite(slot).all()
+                                      dict(rollout="layer"), dict(llm_group=1, llm_layers=2)])
+def test_ablation_switches_change_what_they_name(tiny_ivtp, settings):
+    """Each ablation switch changes the decisions it is about, relative to the default on the same
+    inputs: the pseudo-[CLS] for instruction/pcls, the keep sets for rollout, the sites for the LLM groups."""
+    inputs = tiny_ivtp[1](text_lens=(5, 3), seed=5)
+    default_kept, default_slot = _decisions(tiny_ivtp, inputs, tau=0.0)
+    kept, slot = _decisions(tiny_ivtp, inputs, tau=0.0, **settings)
+    assert kept[-1][2].shape[1] == 4 and torch.isfinite(slot).all()
+    if "instruction" in settings or "pcls" in settings:
+        assert not torch.allclose(slot, default_slot, atol=1e-4)
+    elif "rollout" in settings:     # on this 4-layer tower group=all is the default's single group
+        assert [site[:2] for site in kept] == [site[:2] for site in default_kept]
+        assert any(not torch.equal(a[2], b[2]) for a, b in zip(kept, default_kept))
+    else:
+        assert [site[:2] for site in kept] == [("vision", 3), ("llm", 1), ("llm", 2)]
 
 
 def test_a_real_pseudo_cls_stays_in_the_sequence(tiny_ivtp):

@@ -207,6 +207,26 @@ def test_shipped_checkpoints_are_small_float16_and_load():
     assert torch.equal(small.model.vision_tower.embeddings.patch_embedding.weight, weight)
 
 
+# The first 100 test items of each task, as recorded in docs/results/tokens.md (dense: 95.7% average).
+RECORDED_DENSE = {"existence": 1.00, "attribute": 0.99, "counting": 0.88, "spatial": 1.00, "reading": 0.87,
+                  "choice": 1.00}
+
+
+def test_shipped_toy_large_keeps_its_recorded_accuracy():
+    """A broken checkpoint, tokenizer or preprocessing change turns this red: dense toy-large on a fixed
+    slice of every task stays within a few points of the recorded figures (about 12 s)."""
+    from vlmprune.eval.harness import average, generate_answers, load_items, score
+
+    model, processor = load("toy-large")
+    items = load_items(list(RECORDED_DENSE), 100)
+    replies = generate_answers(model, processor, [item for task in items.values() for item in task],
+                               batch_size=50, progress=False)
+    tasks = score(items, replies)
+    for task, recorded in RECORDED_DENSE.items():
+        assert tasks[task]["accuracy"] >= recorded - 0.08, f"{task}: {tasks[task]['accuracy']:.2f} (recorded {recorded:.2f})"
+    assert average(tasks) >= 0.93
+
+
 def test_shipped_clip_text_relevance_prefers_object_words():
     from vlmprune.toyworld.quality import relevance_figure
 

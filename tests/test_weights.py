@@ -247,12 +247,29 @@ def test_bad_input_is_one_line_error(make_call, text, calibration):
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
 def test_engine_runs_on_every_family(family):
+    """2:4 ATV on each family: every Linear of the LLM's decoder layers (q, k, v, o, gate, up, down) is
+    exactly 2:4 along its input, nothing else changes, and the model answers differently but finitely."""
     model, make = build_tiny(family, seed=0)
     sample = make(text_lens=(8,), seed=1)
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    with torch.no_grad():
+        dense = model(**sample).logits
     report = prune(model, vp.weights.from_spec("atv:saliency=attention,pattern=2:4"), calibration=[sample])
     assert report.sparsity == pytest.approx(0.5)
+    adapter = get_adapter(model)
+    projections = {id(module.weight) for module in adapter.llm_layers.modules() if isinstance(module, nn.Linear)}
+    for name, param in model.named_parameters():
+        if id(param) in projections:
+            zeros = (param == 0).view(param.shape[0], -1, 4).sum(-1)
+            assert (zeros == 2).all(), name                         # exactly 2 of every 4 inputs pruned
+            kept = param != 0
+            assert torch.equal(param[kept], before[name][kept])     # ATV only masks: kept weights unchanged
+        else:
+            assert torch.equal(param, before[name]), name
+    assert len(projections) == 7 * len(adapter.llm_layers)
     with torch.no_grad():
-        assert torch.isfinite(model(**sample).logits).all()
+        logits = model(**sample).logits
+    assert torch.isfinite(logits).all() and (logits - dense).abs().max() > 1e-3
 
 
 def test_tamp_similarities_and_greedy_selection():
