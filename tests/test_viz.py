@@ -101,7 +101,10 @@ def test_model_view_matches_the_processor_crop(tiny_llava, size):  # noqa: F811
     mean = torch.tensor(processor.image_processor.image_mean)[:, None, None]
     std = torch.tensor(processor.image_processor.image_std)[:, None, None]
     seen = ((pixels * std + mean) * 255).permute(1, 2, 0).numpy()
-    assert np.abs(seen - np.asarray(view, dtype=np.float32)).max() < 1.0
+    # resampling rounds differently across Pillow releases (up to 12 levels at a few noise pixels with
+    # Pillow 13); a shifted or squashed crop moves every pixel of a noise image by tens of levels
+    difference = np.abs(seen - np.asarray(view, dtype=np.float32))
+    assert difference.mean() < 0.5 and np.percentile(difference, 99) <= 2.0, (difference.mean(), difference.max())
 
 
 class PermutedTokens(TokenMethod):
