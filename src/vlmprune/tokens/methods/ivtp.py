@@ -14,17 +14,20 @@ layers) are scaled with the model by default.
 
 Decisions: the image embedding ``x_cls^V`` of Eq. 6 is the [CLS] the (pruned) tower produces, run
 through the CLIP vision layers after the feature layer, ``post_layernorm`` and ``visual_projection``;
-so the CLIP model given must be the tower's CLIP. The pseudo-[CLS] is written into the tensor
+so the CLIP model must be the tower's CLIP: unless one is given, the family's text companion
+(:mod:`vlmprune.models.companions`) is loaded. The pseudo-[CLS] is written into the tensor
 :meth:`scoring_token` returned once both the instruction and the last vision site have been seen
 (the engine inserts it at the first LLM layer, after both). ``ott+rt`` (no CLIP text encoder) scores each text token by
 the cosine of its LLM input embedding to the projected visual [CLS]. ``pcls=clip`` maps the mean
 projected CLIP text embedding back to the tower width by the pseudo-inverse of
 ``visual_projection`` and through the LLaVA projector. Towers without [CLS] (SigLIP, Qwen2-VL) or
 without in-encoder sites get no vision stage; the whole budget goes to the LLM stage and the
-pseudo-[CLS] is the mean of all instruction tokens (OTT), as there is no visual [CLS] to score by.
+pseudo-[CLS] is the mean of all instruction tokens (OTT, with a notice), as there is no visual [CLS]
+to score by.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -51,7 +54,8 @@ class IVTP(TokenMethod):
     ott+te+rt), ``pcls`` (llm, clip, hybrid, visual), ``real_pcls=true`` (the pseudo-[CLS] stays in
     the sequence as a token the text sees, the paper's "w/ pseudo CLS"), ``tau``, ``llm=false`` (IVTP-V),
     ``threshold`` (the 2n rule's, in tokens). ``clip``, ``clip_tokenizer``, ``tokenizer``: the CLIP
-    model and tokenizer and the LLM tokenizer (the toy ones are loaded for toy models)."""
+    model and tokenizer and the LLM tokenizer (by default the toy CLIP for toy models, else the family's
+    text companion)."""
 
     name = "ivtp"
 
@@ -98,6 +102,9 @@ class IVTP(TokenMethod):
             self._llm_sites = [Site("llm", layer) for layer in scorers.group_ends(depth, self.llm_group)]
         if not self._vit_sites and not self._llm_sites:
             raise VlmpruneError(f"ivtp with llm=false needs a vision tower with [CLS], which {plan.family} lacks")
+        if not self._vit_sites and self.instruction != "ott":
+            warnings.warn(f"ivtp: {plan.family}'s tower has no [CLS] to rank the instruction by: "
+                          f"instruction={self.instruction} falls back to ott (the mean of all instruction tokens)")
         return self._vit_sites + self._llm_sites
 
     def recorded_layers(self, site: Site, plan: ModelPlan) -> list[int]:
@@ -197,11 +204,7 @@ class IVTP(TokenMethod):
     # -- CLIP --------------------------------------------------------------------------------
     def _companions(self, model: Any):
         if self._clip is None or self._clip_tokenizer is None:
-            if not _is_toy(model):
-                raise VlmpruneError("ivtp needs the tower's CLIP model: pass clip=..., clip_tokenizer=... "
-                                    "or use instruction=ott / ott+rt")
-            from ...toyworld import load_clip
-            self._clip, self._clip_tokenizer = load_clip()
+            self._clip, self._clip_tokenizer = _tower_clip(model)
         if self._tokenizer is None:
             from transformers import AutoTokenizer
             try:
@@ -260,6 +263,22 @@ def llm_token_spans(tokenizer: Any, ids: list[int]) -> tuple[list[tuple[int, int
         spans.append((before, length))
         before = length
     return spans, tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _tower_clip(model: Any) -> tuple[Any, Any]:
+    """The tower's CLIP and its tokenizer: the toy CLIP for a toy checkpoint, else the family's text
+    companion (:mod:`vlmprune.models.companions`), on the tower's device."""
+    if _is_toy(model):
+        from ...toyworld import load_clip
+        return load_clip()
+    from ...models import get_adapter
+    from ...models.companions import text_companion
+    adapter = get_adapter(model)
+    try:
+        clip, clip_tokenizer = text_companion(adapter.family)
+    except VlmpruneError as error:
+        raise VlmpruneError(f"ivtp: {error}, or use instruction=ott+rt") from None
+    return clip.to(next(adapter.vision_tower.parameters()).device), clip_tokenizer
 
 
 def _is_toy(model: Any) -> bool:
