@@ -4,6 +4,10 @@ A random-weight LLaVA-1.5-7B with its real widths (4096-wide Llama, CLIP ViT-L/1
 but fewer layers (default 4 LLM, 6 vision), one 336 px image (576 visual tokens) and 64 text tokens.
 Every number is also given as a ratio against dense in the same run; times are medians.
 
+IVTP runs as plain ``ivtp:keep=64``: its text companion (CLIP ViT-L/14-336's text tower, 12 layers
+768 wide) is found through ``vlmprune.models.companions`` like on a real checkpoint, here a random-weight
+stand-in of the real width saved to a temporary directory, so IVTP's recorded cost includes the text encoder.
+
     python benchmarks/speed.py [--llm-layers 4] [--vision-layers 6] [--repeats 3] [--tokens SPEC ...]
 
 Prints a Markdown table and writes JSON (default benchmarks/results/speed.json).
@@ -15,11 +19,13 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForImageTextToText, CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
 from vlmprune import tokens
 from vlmprune.errors import VlmpruneError
@@ -27,11 +33,16 @@ from vlmprune.measure.flops import count_flops
 from vlmprune.measure.latency import decode_tokens_per_s, prefill_ms
 from vlmprune.measure.memory import analytic_kv_cache_bytes, kv_cache_bytes
 from vlmprune.measure.meta import counting_inputs
+from vlmprune.models import companions
 from vlmprune.models.presets import Preset, get_preset
 
 # FastV at its paper setting; the others at 64 of 576 visual tokens (IVTP's main budget)
 SPECIAL_SPECS = {"fastv": "fastv:layer=2,keep=0.5", "pyramiddrop": "pyramiddrop"}
 DEFAULT_KEEP = 64
+# CLIP ViT-L/14-336's text tower and projection (the hub model LLaVA-1.5's companion table names)
+CLIP_L_336_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
+CLIP_L_336_PROJECTION = 768
 
 
 def default_specs() -> list[str]:
@@ -45,6 +56,26 @@ def reduced_preset(llm_layers: int, vision_layers: int) -> Preset:
     preset.config.vision_config.num_hidden_layers = vision_layers
     preset.name = f"llava-1.5-7b widths, {llm_layers} LLM / {vision_layers} vision layers"
     return preset
+
+
+def _word_tokenizer(size: int) -> PreTrainedTokenizerFast:
+    """Words ``w0 .. w{size-1}``, one id each, with character offsets (IVTP aligns the two tokenizers by them)."""
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(size)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0", pad_token="w0")
+
+
+def install_text_companion(model, directory: Path) -> None:
+    """Save a random-weight CLIP of the real text width (its vision side the benchmark's tower config)
+    and word-level tokenizers to ``directory``; register the CLIP as LLaVA's text companion and the LLM
+    tokenizer as the model's own, as a real checkpoint directory would provide them."""
+    config = CLIPConfig(text_config=CLIP_L_336_TEXT, vision_config=model.config.vision_config.to_dict(),
+                        projection_dim=CLIP_L_336_PROJECTION)
+    CLIPModel(config).save_pretrained(directory / "clip")
+    _word_tokenizer(CLIP_L_336_TEXT["vocab_size"]).save_pretrained(directory / "clip")
+    _word_tokenizer(model.config.text_config.vocab_size).save_pretrained(directory / "llm")
+    companions.TEXT_COMPANIONS["llava"] = str(directory / "clip")
+    model.config._name_or_path = str(directory / "llm")
 
 
 def real_inputs(preset: Preset, text_tokens: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -125,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     started = time.time()
     model = AutoModelForImageTextToText.from_config(preset.config, dtype=dtype).to(args.device).eval()
+    companion_dir = tempfile.TemporaryDirectory(prefix="vlmprune-speed-")   # removed when the run ends
+    install_text_companion(model, Path(companion_dir.name))
     inputs = {k: v.to(args.device) for k, v in real_inputs(preset, args.text_tokens, dtype).items()}
     bytes_per_value = torch.empty((), dtype=dtype).element_size()
     rows, failed = [], []

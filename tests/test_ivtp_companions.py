@@ -66,6 +66,25 @@ def test_plain_ivtp_finds_the_towers_clip_through_the_table(tiny, hub, tmp_path)
     assert companions.text_companion("llava")[0] is found          # loaded once per process
 
 
+def test_counting_flops_first_leaves_the_shared_companion_usable(tiny, hub, tmp_path):
+    """A shape-only FLOPs count (meta model) runs the cached companion without moving it to meta, so the
+    real forward after it still has weights; the count includes the text encoder."""
+    from vlmprune.measure.flops import count_flops
+    from vlmprune.models.presets import Preset, default_image_size
+
+    model, make_inputs = tiny("llava")
+    clip, clip_tokenizer = _tower_clip(model)
+    clip.save_pretrained(tmp_path / "clip")
+    clip_tokenizer.save_pretrained(tmp_path / "clip")
+    hub("llava", tmp_path / "clip")
+    preset = Preset("tiny-llava", model.config, default_image_size(model.config))
+    counted = count_flops(preset, 6, IVTP(keep=4, tokenizer=_word_tokenizer(WORDS))).flops
+    without_text = count_flops(preset, 6, IVTP(keep=4, instruction="ott")).flops
+    assert counted.extra > without_text.extra
+    logits, counts = _run(model, make_inputs(text_lens=(5, 3)), IVTP(keep=4, tokenizer=_word_tokenizer(WORDS)))
+    assert counts == [("vision", 10), ("llm", 4)] and torch.isfinite(logits).all()
+
+
 def test_an_explicit_clip_wins_over_the_table(tiny, hub, tmp_path):
     model, make_inputs = tiny("llava")
     clip, clip_tokenizer = _tower_clip(model)

@@ -278,7 +278,9 @@ def _tower_clip(model: Any) -> tuple[Any, Any]:
         clip, clip_tokenizer = text_companion(adapter.family)
     except VlmpruneError as error:
         raise VlmpruneError(f"ivtp: {error}, or use instruction=ott+rt") from None
-    return clip.to(next(adapter.vision_tower.parameters()).device), clip_tokenizer
+    device = next(adapter.vision_tower.parameters()).device
+    # a shape-only (meta) count runs the CPU copy on meta inputs; moving the shared copy there would empty it
+    return (clip if device.type == "meta" else clip.to(device)), clip_tokenizer
 
 
 def _is_toy(model: Any) -> bool:
