@@ -297,7 +297,8 @@ def _check_png(path, size):
 
 def test_result_plots_are_written(tmp_path, monkeypatch):
     figures = _spy_figures(monkeypatch)
-    # a failed row and one without FLOPs are left out; every other row is a point, budgets out of order
+    # a failed row and one without FLOPs have no point but a red legend entry; every other row is a point,
+    # budgets out of order
     token_rows = [_row("tokens", "ivtp:keep=0.25", 2e9, 0.88, 97.0),
                   {"kind": "tokens", "label": "tome:keep=0.11", "result": None, "error": "boom"},
                   _row("tokens", "tome:keep=0.25", 2.5e9, 0.80, 89.0),
@@ -312,7 +313,10 @@ def test_result_plots_are_written(tmp_path, monkeypatch):
     assert lines == {"ivtp": ([1.0, 2.0], pytest.approx([85.0, 88.0])), "tome": ([2.5], pytest.approx([80.0]))}
     star, = ax.collections
     assert star.get_label() == "dense" and star.get_offsets().tolist() == [[4.0, pytest.approx(90.0)]]
-    assert sorted(text.get_text() for text in ax.get_legend().get_texts()) == ["dense", "ivtp", "tome"]
+    legend = {text.get_text(): text.get_color() for text in ax.get_legend().get_texts()}
+    assert sorted(legend) == ["dense", "fastv:keep=0.11: no FLOPs", "ivtp", "tome", "tome:keep=0.11: failed"]
+    assert [name for name, colour in legend.items() if colour == "red"] == \
+        ["tome:keep=0.11: failed", "fastv:keep=0.11: no FLOPs"]
 
     weight_rows = [_row("weights", "wanda:sparsity=0.5", 4e9, 0.8, 90.0),
                    {"kind": "weights", "label": "atv:sparsity=0.5", "result": None, "error": "boom"},
@@ -324,8 +328,12 @@ def test_result_plots_are_written(tmp_path, monkeypatch):
     assert [bar.get_height() for bar in bars] == [90.0, 0.0, 70.0]
     assert [bar.get_x() + bar.get_width() / 2 for bar in bars] == [0, 1, 2]
     assert [label.get_text() for label in ax.get_xticklabels()] == [row["label"] for row in weight_rows]
-    assert [text.get_text() for text in ax.texts] == ["90", "failed", "70"]
+    assert [(text.get_text(), text.get_color()) for text in ax.texts] == \
+        [("90", "black"), ("failed", "red"), ("70", "black")]
+    assert [label.get_color() for label in ax.get_xticklabels()][1] == "red"
     assert any(list(line.get_ydata()) == [100, 100] for line in ax.get_lines())   # the dense level
+    plots.retention_bars([_row("weights", "wanda:sparsity=0.5", 4e9, 0.8, None)], tmp_path / "c.png")
+    assert [(text.get_text(), text.get_color()) for text in figures[-1].axes[0].texts] == [("-", "black")]
 
 
 def test_ivtp_keeps_different_tokens_for_questions_about_different_objects():
