@@ -187,3 +187,15 @@ def test_demo_out_must_be_a_directory(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(target)]) == 2
     assert "is a file" in capsys.readouterr().err
     assert target.read_text() == "x"
+
+
+def test_demo_refuses_a_directory_of_the_users_own(tmp_path, capsys):
+    """A directory holding files vlmprune did not write is refused (one line, exit 2, untouched) unless
+    --overwrite; a directory a demo wrote is its own and is written into again."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my notes")
+    assert main(["demo", "--quick", "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did not write" in err and "--overwrite" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["report.md"] and (mine / "report.md").read_text() == "my notes"

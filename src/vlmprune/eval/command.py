@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from ..errors import VlmpruneError
 
@@ -16,8 +17,9 @@ def register(subparsers) -> None:
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task")
     parser.add_argument("--batch-size", type=int, default=32, metavar="B")
     parser.add_argument("--reference", default=None, metavar="JSON",
-                        help="an eval --json of the dense model to compute retention against "
-                             "(for weight-pruned models; token methods default to the same model without them)")
+                        help="an eval --json of the dense model to compute retention against (default: for a "
+                             "directory vlmprune prune wrote, the model it was pruned from; else, with --tokens, "
+                             "the same model without them)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     parser.add_argument("--md", default=None, metavar="PATH", help="write the result as a Markdown table")
     parser.set_defaults(func=run)
@@ -42,6 +44,7 @@ def run(args) -> int:
     from .harness import evaluate, resolve_tasks, token_method
     from .loading import load_model
     from .report import markdown_table, write_json, write_text
+    from .source_reference import source_reference
 
     if args.limit is not None and args.limit < 1:
         raise VlmpruneError(f"--limit must be at least 1, got {args.limit}")
@@ -50,6 +53,10 @@ def run(args) -> int:
     method = token_method(args.tokens)
     tasks = resolve_tasks(args.tasks)
     reference = _reference_tasks(args.reference) if args.reference else None
+    if reference is None:        # before loading the pruned model, so the two are never in memory together
+        reference, why = source_reference(args.model, tasks, args.limit, args.batch_size)
+        if why:
+            print(f"vlmprune: no retention against the dense model: {why}; give --reference", file=sys.stderr)
     model, processor = load_model(args.model)
     result = evaluate(model, processor, tokens=method, tasks=tasks, limit=args.limit,
                       batch_size=args.batch_size, reference=reference, model_name=args.model)

@@ -13,6 +13,8 @@ def register(subparsers) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs DIR/rows.jsonl records as finished with the same settings; "
                              "run the rest (failed ones again)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into DIR even though it holds files vlmprune did not write")
     parser.set_defaults(func=run)
 
 
@@ -20,12 +22,12 @@ def run(args) -> int:
     import sys
     from pathlib import Path
 
-    from ..errors import VlmpruneError
+    from ..outputs import check_output, mark_output
     from .demo import run_demo
     from .rows import ERRORS
 
-    if Path(args.out).is_file():
-        raise VlmpruneError(f"--out {args.out} is a file: give a directory for the report")
+    check_output(args.out, args.overwrite)      # a file, or the user's own files, are never written over
+    mark_output(args.out)
     results = run_demo(args.out, quick=args.quick, resume=args.resume)
     failed = [row for row in results["rows"] if row["error"] is not None]
     for row in failed:

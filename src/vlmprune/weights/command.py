@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import VlmpruneError
 
 CALIBRATION_SOURCES = ("captions",)
+DTYPES = ("float16", "bfloat16", "float32")
 
 
 def register(subparsers) -> None:
@@ -25,7 +27,12 @@ def register(subparsers) -> None:
     parser.add_argument("--ignore", nargs="*", default=None, help="regexes of Linear names to leave dense")
     parser.add_argument("--device", default=None, help="compute device for one block at a time (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
+                        help="dtype of the saved weights (default: the dtype --model is stored in)")
+    parser.add_argument("--out", required=True,
+                        help="output directory; one vlmprune wrote before is replaced once the new one is complete")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even if it holds files vlmprune did not write")
     parser.set_defaults(func=run)
 
 
@@ -40,14 +47,28 @@ def method_spec(method: str, sparsity: float | None, pattern: str | None) -> str
     return f"{name}:{','.join(parts)}"
 
 
+def dense_source(name_or_dir: str, model) -> str:
+    """The dense model a pruned copy of ``model`` descends from, for eval's retention: the source its own
+    pruning record names when it was pruned before, else ``--model`` (a directory by absolute path)."""
+    from .saving import CONFIG_KEY
+
+    record = getattr(model.config, CONFIG_KEY, None)
+    if isinstance(record, dict) and record.get("source"):
+        return record["source"]
+    path = Path(name_or_dir)
+    return str(path.resolve()) if path.is_dir() else name_or_dir
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import toyworld
-    from ..eval.loading import load_model
+    from ..eval.loading import load_model, stored_dtype
+    from ..outputs import check_output
     from . import from_spec, prune
     from .saving import save_pruned
 
+    check_output(args.out, args.overwrite)        # before the pruning, not after it
     method = from_spec(method_spec(args.method, args.sparsity, args.pattern))
     if method.needs_calibration and args.nsamples < 1:
         raise VlmpruneError(f"--nsamples must be at least 1 for {method.name}: it needs calibration samples")
@@ -57,11 +78,13 @@ def run(args: argparse.Namespace) -> int:
                    if method.needs_calibration else None)
     report = prune(model, method, calibration=calibration, targets=args.targets, ignore=args.ignore,
                    device=args.device)
-    record = {**report.method, "targets": args.targets or "every Linear of the LLM decoder layers",
-              "ignore": args.ignore or [], "calibration": args.calib if calibration else None,
+    record = {**report.method, "source": dense_source(args.model, model),
+              "targets": args.targets or "every Linear of the LLM decoder layers", "ignore": args.ignore or [],
+              "calibration": args.calib if calibration else None,
               "nsamples": len(calibration) if calibration else 0, "measured_sparsity": round(report.sparsity, 6),
               "pruned_layers": len(report.layer_sparsity), "seconds": round(report.total_seconds, 2)}
-    save_pruned(model, processor, args.out, record)
+    model.to(getattr(torch, args.dtype) if args.dtype else stored_dtype(args.model) or model.dtype)
+    save_pruned(model, processor, args.out, record, overwrite=args.overwrite)
     print(f"pruned {len(report.layer_sparsity)} layers of {args.model} with {method.name} to "
           f"{report.sparsity:.2%} sparsity in {report.total_seconds:.1f} s; saved to {args.out}")
     return 0

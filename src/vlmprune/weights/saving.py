@@ -1,45 +1,35 @@
-"""Write a pruned model as a ``save_pretrained`` directory, all at once or not at all."""
+"""Write a pruned model as a ``save_pretrained`` directory that records how it was pruned."""
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import VlmpruneError
+from ..outputs import output_directory
 
 CONFIG_KEY = "vlmprune_pruning"
 
 
-def save_pruned(model, processor, out: str | Path, record: dict[str, Any]) -> Path:
+def save_pruned(model, processor, out: str | Path, record: dict[str, Any], overwrite: bool = False) -> Path:
     """Save model and processor into ``out``, with ``record`` under ``config.json``'s
-    ``"vlmprune_pruning"``. Written beside ``out`` first and renamed, so a failure leaves ``out``
-    as it was; an existing ``out`` directory is replaced."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise VlmpruneError(f"--out {out} is a file: give a directory path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    partial.chmod(0o777 & ~umask)          # mkdtemp makes it private; the result is an ordinary directory
-    try:
+    ``"vlmprune_pruning"``, all at once or not at all (see :func:`vlmprune.outputs.output_directory`:
+    a directory vlmprune did not write is refused unless ``overwrite``)."""
+    with output_directory(out, overwrite=overwrite) as partial:
         setattr(model.config, CONFIG_KEY, record)
         model.save_pretrained(partial)
         if processor is not None:
             processor.save_pretrained(partial)
-        if out.exists():
-            previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, previous / out.name)
-            os.replace(partial, out)
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.replace(partial, out)
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
-    return out
+    return Path(out)
+
+
+def pruning_record(directory: str | Path) -> dict[str, Any] | None:
+    """The record ``save_pruned`` wrote into ``directory``'s config.json, read without loading the model;
+    None for anything else (a model name, a dense directory, no readable config)."""
+    try:
+        record = json.loads((Path(directory) / "config.json").read_text()).get(CONFIG_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def pruning_spec(model) -> str | None:
