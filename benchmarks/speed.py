@@ -2,7 +2,9 @@
 
 A random-weight LLaVA-1.5-7B with its real widths (4096-wide Llama, CLIP ViT-L/14-336, 32k vocab)
 but fewer layers (default 4 LLM, 6 vision), one 336 px image (576 visual tokens) and 64 text tokens.
-Every number is also given as a ratio against dense in the same run; times are medians.
+Every number is also given as a ratio against dense in the same run; times are medians. The scoring
+share is the time spent inside the method's own scoring (``reduce`` and ``scoring_token``: attention
+reads, rollout, similarities, IVTP's text encoder) over the dense prefill time.
 
 IVTP runs as plain ``ivtp:keep=64``: its text companion (CLIP ViT-L/14-336's text tower, 12 layers
 768 wide) is found through ``vlmprune.models.companions`` like on a real checkpoint, here a random-weight
@@ -98,22 +100,53 @@ def static_measures(model, preset, inputs, spec, text_tokens, bytes_per_value) -
     }
 
 
+class ScoringClock:
+    """Time spent inside a method's own ``reduce`` and ``scoring_token`` (its attention reads, rollout,
+    similarities and, for IVTP, the text encoder): the scorer's cost, apart from the shorter forward."""
+
+    def __init__(self, method):
+        self.seconds = 0.0
+        for name in ("reduce", "scoring_token"):
+            setattr(method, name, self._timed(getattr(method, name)))
+
+    def _timed(self, function):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.seconds += time.perf_counter() - start
+        return timed
+
+    def lap(self) -> float:
+        """Milliseconds since the last lap."""
+        seconds, self.seconds = self.seconds, 0.0
+        return 1000 * seconds
+
+
 def timed_rounds(model, inputs, rows: list[dict], rounds: int, new_tokens: int) -> None:
     """Prefill ms and decode tokens/s, every method once per round, so that a change in the machine's
     load hits them all alike; each ratio is the median over rounds of value / dense in that round."""
     specs = [None if row["tokens"] == "dense" else row["tokens"] for row in rows]
     methods = [tokens.from_spec(spec) if spec else None for spec in specs]
+    clocks = [ScoringClock(method) if method else None for method in methods]
     prefill = [[] for _ in specs]
+    scoring = [[] for _ in specs]
     decode = [[] for _ in specs]
     decode_tokens_per_s(model, inputs, new_tokens=2, repeats=1, warmup=0)  # warm-up (forwards ran already)
     for _ in range(rounds):
-        for index, method in enumerate(methods):
+        for index, (method, clock) in enumerate(zip(methods, clocks)):
             prefill[index].append(prefill_ms(model, inputs, method, repeats=1, warmup=0))
+            scoring[index].append(clock.lap() if clock else 0.0)
             decode[index].append(decode_tokens_per_s(model, inputs, method, new_tokens=new_tokens, repeats=1, warmup=0))
-    for row, times, rates in zip(rows, prefill, decode):
+    for row, times, scorer, rates in zip(rows, prefill, scoring, decode):
         row["prefill_ms"] = statistics.median(times)
+        row["scoring_ms"] = statistics.median(scorer)
         row["decode_tok_s"] = statistics.median(rates)
         row["prefill_ms_ratio"] = statistics.median(t / d for t, d in zip(times, prefill[0]))
+        row["scoring_share_of_dense_prefill"] = statistics.median(s / d for s, d in zip(scorer, prefill[0]))
         row["decode_tok_s_ratio"] = statistics.median(r / d for r, d in zip(rates, decode[0]))
 
 
@@ -126,13 +159,15 @@ def with_static_ratios(rows: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| tokens | prefill ms | x dense | decode tok/s | x dense | KV MiB | x dense | FLOPs x dense |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| tokens | prefill ms | x dense | scoring % of dense prefill | decode tok/s | x dense | KV MiB | "
+             "x dense | FLOPs x dense |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['tokens']} | failed: {row['error']} |||||||")
+            lines.append(f"| {row['tokens']} | failed: {row['error']} ||||||||")
             continue
         lines.append(f"| {row['tokens']} | {row['prefill_ms']:.0f} | {row['prefill_ms_ratio']:.2f} | "
+                     f"{100 * row['scoring_share_of_dense_prefill']:.1f} | "
                      f"{row['decode_tok_s']:.2f} | {row['decode_tok_s_ratio']:.2f} | {row['kv_bytes'] / 2**20:.1f} | "
                      f"{row['kv_bytes_ratio']:.2f} | {row['flops_ratio']:.2f} |")
     return "\n".join(lines)
