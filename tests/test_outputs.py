@@ -105,8 +105,11 @@ def test_handlers_are_restored_after_the_write(tmp_path):
 
 def _slow_writer(target) -> subprocess.Popen:
     """A child process that is midway through writing ``target`` when it prints 'writing'."""
+    # a shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored by design:
+    # the child takes Ctrl-C as an interactive command does
     code = textwrap.dedent(f"""
-        import time
+        import signal, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from vlmprune.outputs import output_directory
         with output_directory({str(target)!r}) as partial:
             (partial / "weights.bin").write_bytes(b"x" * 1000)
