@@ -240,8 +240,9 @@ class _Engine:
         filled = cache is not None and cache.get_seq_length(self.plan.n_llm_layers - 1) > 0
         # generate() encodes the images first and hands the features (under a release-specific keyword)
         # to the prefill that follows: that prefill is the first forward with an empty cache
-        encoded = self.vision_stage is not None and self.vision_stage.pending and not filled
-        if inputs.get("pixel_values") is not None or encoded:
+        images = inputs.get("pixel_values") is not None
+        encoded = not images and not filled and self.vision_stage is not None and self.vision_stage.pending
+        if images or encoded:
             if inputs.get("input_ids") is None:
                 raise VlmpruneError("token pruning needs input_ids (to find the image tokens), not inputs_embeds")
             self.mode = "prefill"
