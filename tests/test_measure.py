@@ -9,6 +9,7 @@ import pytest
 from vlmprune import tokens
 from vlmprune.errors import VlmpruneError
 from vlmprune.models import get_adapter
+from vlmprune.models.forward_args import layer_hidden
 from vlmprune.measure.flops import TokenSchedule
 from vlmprune.measure import latency
 from vlmprune.measure.latency import decode_tokens_per_s, prefill_ms
@@ -40,7 +41,7 @@ def test_prefill_is_the_median_of_the_timed_runs_with_the_method_attached(llava,
     model, inputs = llava
     lengths = []
     hook = get_adapter(model).llm_layers[-1].register_forward_pre_hook(
-        lambda module, args, kwargs: lengths.append(args[0].shape[1] if args else kwargs["hidden_states"].shape[1]),
+        lambda module, args, kwargs: lengths.append(layer_hidden(args, kwargs).shape[1]),
         with_kwargs=True)
     # the warm-up reads the clock once (at its start), each timed run twice: runs of 1, 3 and 2 s
     monkeypatch.setattr(latency, "time", FakeClock([100, 0, 1, 0, 3, 0, 2]))

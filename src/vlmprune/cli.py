@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Iterable
 
-from .errors import VlmpruneError
+from .errors import VlmpruneError, one_line
 
 # command -> (module with register(), one-line summary for the top-level help)
 COMMANDS = {
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         where = _write_traceback()
-        print(f"vlmprune: unexpected error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              f"(traceback in {where}; --debug prints it)", file=sys.stderr)
+        print(f"vlmprune: unexpected error: {one_line(exc)} (traceback in {where}; --debug prints it)",
+              file=sys.stderr)
         return 1
 
 

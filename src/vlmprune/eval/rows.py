@@ -13,15 +13,11 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from ..errors import one_line
 from .report import write_text
 
 ROWS = "rows.jsonl"
 ERRORS = "errors.log"
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _as_json(value):
