@@ -7,7 +7,7 @@ constructor keywords are the keys, so every SPEC the CLI accepts is a constructo
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 from .errors import SpecError
 
@@ -49,19 +49,30 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, kwargs
 
 
+def check_known(name: str, kwargs: dict[str, Any], settings_of: Mapping[str, Sequence[str] | None],
+                kind: str) -> None:
+    """One-line SpecError unless ``name`` is in ``settings_of`` and every key of ``kwargs`` is among its
+    settings (``None``: the method takes any keyword)."""
+    if name not in settings_of:
+        raise SpecError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(settings_of))}")
+    allowed = settings_of[name]
+    if allowed is not None:
+        unknown = sorted(set(kwargs) - set(allowed))
+        if unknown:
+            raise SpecError(f"{kind} {name!r} has no setting {unknown[0]!r}; its settings are: {', '.join(allowed)}")
+
+
 def build_from_spec(spec: str, registry: dict[str, Callable[..., Any]], kind: str) -> Any:
     """Instantiate ``registry[name](**kwargs)`` with a one-line error for unknown names or keys."""
     name, kwargs = parse_spec(spec)
-    if name not in registry:
-        known = ", ".join(sorted(registry))
-        raise SpecError(f"unknown {kind} {name!r}; choose one of: {known}")
+    if name in registry:
+        params = inspect.signature(registry[name]).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        settings_of = {name: None if takes_any else [p for p in params if p != "self"]}
+    else:
+        settings_of = {known: None for known in registry}
+    check_known(name, kwargs, settings_of, kind)
     factory = registry[name]
-    params = inspect.signature(factory).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(set(kwargs) - set(params))
-        if unknown:
-            allowed = ", ".join(p for p in params if p != "self")
-            raise SpecError(f"{kind} {name!r} has no setting {unknown[0]!r}; its settings are: {allowed}")
     try:
         return factory(**kwargs)
     except TypeError as exc:  # wrong value types surface as one line

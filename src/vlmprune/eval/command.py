@@ -5,6 +5,7 @@ import json
 import sys
 
 from ..errors import VlmpruneError
+from ..preflight import check_at_least, check_model, check_spec, check_tasks
 
 
 def register(subparsers) -> None:
@@ -41,18 +42,20 @@ def row_label(model, tokens: str | None) -> str:
 
 
 def run(args) -> int:
-    from .harness import evaluate, resolve_tasks, token_method
+    check_model(args.model)        # input errors first: they answer before the library loads
+    check_at_least(args.limit, 1, "--limit")
+    check_at_least(args.batch_size, 1, "--batch-size")
+    tasks = check_tasks(args.tasks)
+    if args.tokens:
+        check_spec(args.tokens, "tokens")
+    reference = _reference_tasks(args.reference) if args.reference else None
+
+    from .harness import evaluate, token_method
     from .loading import load_model
     from .report import markdown_table, write_json, write_text
     from .source_reference import source_reference
 
-    if args.limit is not None and args.limit < 1:
-        raise VlmpruneError(f"--limit must be at least 1, got {args.limit}")
-    if args.batch_size < 1:
-        raise VlmpruneError(f"--batch-size must be at least 1, got {args.batch_size}")
     method = token_method(args.tokens)
-    tasks = resolve_tasks(args.tasks)
-    reference = _reference_tasks(args.reference) if args.reference else None
     if reference is None:        # before loading the pruned model, so the two are never in memory together
         reference, why = source_reference(args.model, tasks, args.limit, args.batch_size)
         if why:

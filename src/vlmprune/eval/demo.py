@@ -13,9 +13,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 from .. import toyworld
+from ..progress import progress as report_progress
 from ..viz import plots
 from .harness import evaluate
 from .report import markdown_table, write_json, write_text
@@ -94,22 +94,18 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True, resume
     planned = [("dense", "dense"), *(("tokens", s) for s in token_specs(plan)),
                *(("weights", s) for s in weight_specs(plan))]
     model, processor = toyworld.load(MODEL)
-    bar = tqdm(total=len(planned), desc="demo", unit="run", disable=not progress)
     rows: list[dict] = []
     try:
-        for kind, label in planned:
-            bar.set_postfix_str(label)
+        for kind, label in report_progress(planned, desc="demo", unit="run", enabled=progress,
+                                           label=lambda run: run[1]):
             reference = (rows[0]["result"] or {}).get("tasks") if rows else None
             rows.append(log.run(label, settings, lambda kind=kind, label=label, reference=reference: run_row(
                 kind, label, plan, model, processor, reference), kind=kind, label=label))
-            bar.update()
     except KeyboardInterrupt:
-        bar.close()
         _write_outputs(out, plan, quick, rows, len(planned))
         print(f"vlmprune: demo interrupted after {len(rows)} of {len(planned)} runs; partial report in "
               f"{Path(out) / 'report.md'}; resume with: {_resume_command(out, quick)}", file=sys.stderr)
         raise
-    bar.close()
     results = _write_outputs(out, plan, quick, rows, len(planned))
     print(markdown_table(rows), end="")
     return results

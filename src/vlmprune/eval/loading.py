@@ -11,20 +11,14 @@ from pathlib import Path
 
 from .. import toyworld
 from ..errors import VlmpruneError
+from ..preflight import check_model
 
 
 def model_dir(name_or_dir: str) -> Path:
     """The ``save_pretrained`` directory behind ``toy-large``/``toy-small`` or a directory path."""
+    check_model(name_or_dir)
     path = Path(name_or_dir)
-    if not path.is_dir():
-        if name_or_dir in toyworld.MODELS:
-            return toyworld.checkpoint_dir(name_or_dir)
-        raise VlmpruneError(
-            f"unknown model {name_or_dir!r}: give one of {', '.join(toyworld.MODELS)} or a directory "
-            "written by save_pretrained")
-    if not (path / "config.json").is_file():
-        raise VlmpruneError(f"{name_or_dir} has no config.json: give a directory written by save_pretrained")
-    return path
+    return path if path.is_dir() else toyworld.checkpoint_dir(name_or_dir)
 
 
 def load_model(name_or_dir: str):

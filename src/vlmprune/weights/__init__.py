@@ -3,30 +3,25 @@ magnitude; unstructured or N:M; plus the MoT probe (``vlmprune.weights.mot``).
 
     method = vp.weights.from_spec("atv:sparsity=0.5,pattern=2:4")
     report = vp.weights.prune(model, method, calibration=calib)      # in place
+
+Names load on first use (as ``vlmprune`` itself does), so that ``vlmprune prune``'s argument checks in
+``.command`` answer before torch is imported.
 """
 from __future__ import annotations
 
-from ..spec import build_from_spec
-from .atv import ATV
-from .base import WeightMethod
-from .magnitude import Magnitude
-from .sparsegpt import SparseGPT
-from .sequential import PruneReport, capture, prune
-from .tamp import TAMP
-from .wanda import Wanda
+import importlib
 
-REGISTRY: dict[str, type[WeightMethod]] = {
-    "magnitude": Magnitude,
-    "wanda": Wanda,
-    "sparsegpt": SparseGPT,
-    "tamp": TAMP,
-    "atv": ATV,
-}
+# public name -> the submodule that defines it
+_EXPORTS = {"from_spec": "registry", "REGISTRY": "registry", "prune": "sequential", "capture": "sequential",
+            "PruneReport": "sequential", "WeightMethod": "base", "Magnitude": "magnitude", "Wanda": "wanda",
+            "SparseGPT": "sparsegpt", "TAMP": "tamp", "ATV": "atv"}
 
-__all__ = ["from_spec", "prune", "capture", "PruneReport", "REGISTRY", "WeightMethod", "Magnitude", "Wanda", "SparseGPT",
-           "TAMP", "ATV"]
+__all__ = list(_EXPORTS)
 
 
-def from_spec(spec: str) -> WeightMethod:
-    """``"atv:sparsity=0.5,pattern=2:4"`` -> ``ATV(sparsity=0.5, pattern="2:4")``."""
-    return build_from_spec(spec, REGISTRY, "weight method")
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,6 +5,8 @@ import argparse
 from pathlib import Path
 
 from ..errors import VlmpruneError
+from ..outputs import check_output
+from ..preflight import check_model, check_spec
 
 CALIBRATION_SOURCES = ("captions",)
 DTYPES = ("float16", "bfloat16", "float32")
@@ -60,16 +62,20 @@ def dense_source(name_or_dir: str, model) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # input errors first: they answer before the library loads, and --out before the pruning, not after it
+    check_model(args.model)
+    check_output(args.out, args.overwrite)
+    spec = method_spec(args.method, args.sparsity, args.pattern)
+    check_spec(spec, "weights")
+
     import torch
 
     from .. import toyworld
     from ..eval.loading import load_model, stored_dtype
-    from ..outputs import check_output
     from . import from_spec, prune
     from .saving import save_pruned
 
-    check_output(args.out, args.overwrite)        # before the pruning, not after it
-    method = from_spec(method_spec(args.method, args.sparsity, args.pattern))
+    method = from_spec(spec)
     if method.needs_calibration and args.nsamples < 1:
         raise VlmpruneError(f"--nsamples must be at least 1 for {method.name}: it needs calibration samples")
     torch.manual_seed(args.seed)

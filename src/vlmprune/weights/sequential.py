@@ -16,10 +16,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import VlmpruneError
 from ..models.forward_args import layer_hidden, without_cache
+from ..progress import progress as report_progress
 from .placement import block_on, rest_on
 
 
@@ -191,7 +191,7 @@ def sweep(model: nn.Module, calibration: Sequence[Any], visit: Callable[[BlockCo
     device = compute_device(model, device)
     per_block = linears if linears is not None else select_linears(model, adapter, None, None)
     inputs = captured if captured is not None else capture_inputs(model, adapter, calibration, device)
-    for b in tqdm(range(len(adapter.llm_layers)), desc=desc, leave=False):
+    for b in report_progress(range(len(adapter.llm_layers)), desc=desc, unit="block"):
         block = adapter.llm_layers[b]
         with block_on(block, device):
             ctx = BlockContext(b, block, per_block[b], inputs, adapter.llm.config, device, on_sample)
@@ -251,7 +251,7 @@ def prune(model: nn.Module, method, calibration: Sequence[Any] | None = None, *,
     model.eval()
     try:
         if not method.needs_calibration:
-            for b, linears in enumerate(tqdm(per_block, desc=f"{method.name} blocks", leave=False)):
+            for b, linears in enumerate(report_progress(per_block, desc=method.name, unit="block")):
                 tic = time.perf_counter()
                 block = adapter.llm_layers[b]
                 with block_on(block, device):
@@ -276,7 +276,7 @@ def prune(model: nn.Module, method, calibration: Sequence[Any] | None = None, *,
                 return outputs
 
             sweep(model, calibration, visit, device=device, linears=per_block, on_sample=on_sample,
-                  desc=f"{method.name} blocks", captured=captured)
+                  desc=method.name, captured=captured)
     finally:
         model.train(was_training)
     report.total_seconds = time.perf_counter() - start
