@@ -97,7 +97,8 @@ def test_score_and_average_follow_item_order():
             self.answer, self.options = answer, options
     items = {"a": [Item("yes"), Item("no")], "b": [Item("two"), Item("c", ["x", "y", "z"])]}
     tasks = harness.score(items, ["yes", "yes", "2", "C"])
-    assert tasks == {"a": {"accuracy": 0.5, "n": 2}, "b": {"accuracy": 1.0, "n": 2}}
+    assert {t: (e["accuracy"], e["n"], e["correct"]) for t, e in tasks.items()} == {"a": (0.5, 2, "10"),
+                                                                                  "b": (1.0, 2, "11")}
     assert harness.average(tasks) == pytest.approx(0.75)
 
 
@@ -125,10 +126,14 @@ SCHEMA_PARTS = {"vision", "projector", "llm", "extra", "total"}
 
 
 def check_schema(result: dict, tasks: list[str], n: int) -> None:
-    assert set(result) == {"model", "tokens", "tasks", "average", "retention", "flops", "prefill_ms"}
+    assert set(result) == {"model", "tokens", "tasks", "average", "average_interval", "retention", "flops",
+                           "prefill_ms"}
     assert list(result["tasks"]) == tasks
     for entry in result["tasks"].values():
-        assert set(entry) == {"accuracy", "n"} and entry["n"] == n and 0 <= entry["accuracy"] <= 1
+        assert set(entry) == {"accuracy", "n", "interval", "correct"} and entry["n"] == n and 0 <= entry["accuracy"] <= 1
+        assert len(entry["correct"]) == n and entry["correct"].count("1") == pytest.approx(n * entry["accuracy"])
+        assert 0 <= entry["interval"][0] <= entry["accuracy"] <= entry["interval"][1] <= 1
+    assert 0 <= result["average_interval"][0] <= result["average"] <= result["average_interval"][1] <= 1
     assert result["average"] == pytest.approx(sum(t["accuracy"] for t in result["tasks"].values()) / len(tasks))
     json.dumps(result)
 

@@ -1,8 +1,9 @@
 """On-disk cache of dense per-task accuracy, so retention sweeps evaluate the dense model once.
 
 The key covers the model (its name and a digest of its weights, so a weight-pruned copy never reads
-its original's entry), the tasks, the item limit and the generation length. The directory is
-``$VLMPRUNE_CACHE`` or ``~/.cache/vlmprune``.
+its original's entry), the tasks, the item limit, the generation length and the version of the
+entry's layout (an entry written before per-item outcomes were recorded is never read back). The
+directory is ``$VLMPRUNE_CACHE`` or ``~/.cache/vlmprune``.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import os
 from pathlib import Path
 
 import torch
+
+LAYOUT = 2   # 2: task entries carry "interval" and the per-item "correct" string
 
 
 def cache_dir() -> Path:
@@ -31,7 +34,7 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 def key(model: torch.nn.Module, tasks: list[str], limit: int | None, max_new_tokens: int) -> str:
     name = getattr(model, "name_or_path", "") or type(model).__name__
-    text = json.dumps([name, weights_digest(model), tasks, limit, max_new_tokens])
+    text = json.dumps([LAYOUT, name, weights_digest(model), tasks, limit, max_new_tokens])
     return hashlib.sha1(text.encode()).hexdigest()
 
 

@@ -2,9 +2,13 @@
 
 A result is a plain dict (the ``vlmprune eval --json`` contract)::
 
-    {"model": name, "tokens": SPEC or None, "tasks": {task: {"accuracy": fraction, "n": items}},
-     "average": fraction, "retention": percent or None,
+    {"model": name, "tokens": SPEC or None,
+     "tasks": {task: {"accuracy": fraction, "n": items, "interval": [lo, hi], "correct": "0110..."}},
+     "average": fraction, "average_interval": [lo, hi], "retention": percent or None,
      "flops": {"vision", "projector", "llm", "extra", "total"}, "prefill_ms": median}
+
+``interval`` is a 95% Wilson interval; ``correct`` holds one 0/1 character per item in test-split
+order, so two results on the same items can be compared item by item (see :mod:`.compare`).
 
 With a token method, retention is measured against the same model without it on the same items;
 that dense result is cached on disk (see :mod:`.dense_cache`) so sweeps do not recompute it.
@@ -21,6 +25,7 @@ from ..errors import VlmpruneError
 from . import dense_cache
 from .normalize import is_correct
 from .retention import retention
+from .statistics import mean_interval, outcome_string, wilson_interval
 
 MAX_NEW_TOKENS = 5  # toy answers are one word (or a letter) and </s>
 LATENCY_REPEATS = 5
@@ -94,20 +99,27 @@ def generate_answers(model, processor, items: Sequence, batch_size: int = 32,
 
 
 def score(items_by_task: dict[str, list], replies: Sequence[str]) -> dict[str, dict]:
-    """``{task: {"accuracy", "n"}}`` from replies given in the order of the items."""
+    """``{task: {"accuracy", "n", "interval", "correct"}}`` from replies given in the order of the items."""
     tasks: dict[str, dict] = {}
     position = 0
     for task, items in items_by_task.items():
-        hits = sum(is_correct(reply, item.answer, item.options)
-                   for item, reply in zip(items, replies[position:position + len(items)]))
+        hits = [is_correct(reply, item.answer, item.options)
+                for item, reply in zip(items, replies[position:position + len(items)])]
         position += len(items)
-        tasks[task] = {"accuracy": hits / len(items) if items else 0.0, "n": len(items)}
+        accuracy = sum(hits) / len(items) if items else 0.0
+        tasks[task] = {"accuracy": accuracy, "n": len(items), "interval": list(wilson_interval(accuracy, len(items))),
+                       "correct": outcome_string(hits)}
     return tasks
 
 
 def average(tasks: dict[str, dict]) -> float:
     """Unweighted mean of the per-task accuracies (each task counts the same, as in the papers)."""
     return sum(t["accuracy"] for t in tasks.values()) / len(tasks)
+
+
+def average_interval(tasks: dict[str, dict]) -> list[float]:
+    """The 95% interval of :func:`average` (see :func:`.statistics.mean_interval`)."""
+    return list(mean_interval([t["accuracy"] for t in tasks.values()], [t["n"] for t in tasks.values()]))
 
 
 def _cost(model, processor, method, sample) -> tuple[dict, float]:
@@ -183,6 +195,7 @@ def evaluate(model, processor, tokens=None, tasks=None, limit: int | None = None
         "tokens": tokens if isinstance(tokens, str) or method is None else method.spec(),
         "tasks": per_task,
         "average": average(per_task),
+        "average_interval": average_interval(per_task),
         "retention": None if reference is None else retention(per_task, reference),
         "flops": flops,
         "prefill_ms": prefill_ms,

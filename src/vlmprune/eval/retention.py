@@ -9,9 +9,10 @@ from ..errors import VlmpruneError
 def retention(pruned: Mapping[str, Mapping], dense: Mapping[str, Mapping]) -> float | None:
     """Mean over tasks of ``pruned accuracy / dense accuracy``, in percent.
 
-    Both arguments are the ``"tasks"`` part of an eval result (``{name: {"accuracy", "n"}}``) on the
-    same items. A task where the dense model scores 0 has no ratio and is left out; ``None`` when no
-    task is left.
+    Both arguments are the ``"tasks"`` part of an eval result (``{name: {"accuracy", "n", ...}}``) on
+    the same items; only those two keys are read, so a reference written before per-item outcomes were
+    recorded still serves. A task where the dense model scores 0 has no ratio and is left out; ``None``
+    when no task is left.
     """
     if set(pruned) != set(dense):
         raise VlmpruneError(
