@@ -5,8 +5,20 @@ the block saliency ``sbar`` (mean over every visual token of every sample) sets 
 budget ``K_n = clip(round(min(1, alpha * sbar) * N_text_n), 0, N_vis_n)``; Wanda statistics over
 the text tokens and the top ``K_n`` visual tokens give Wanda masks.
 
-Ablations (seed 002, A5): ``saliency=attention`` (ABS: mean attention from the text tokens),
-``saliency=diversity`` with ``select=maxmin`` (DBS), ``select=random``, ``budget=K`` (fixed).
+Ablations (seed 002, A5): ``saliency=attention`` (ABS), ``saliency=diversity`` with
+``select=maxmin`` (DBS: max-min selection started at the most diverse token), ``select=random``,
+``budget=K`` (fixed).
+
+ABS on a scale that selects. Taken literally (``saliency=attention-literal``), ``s_v`` is the mean
+attention the text rows pay to token v. The text rows' attention to the image is shared among
+all N_vis visual tokens, so ``sbar`` is about (attention mass on the image) / N_vis: a few
+thousandths for hundreds of visual tokens, ``K_n = round(sbar * N_text) = 0`` in every block, and
+the masks are text-only Wanda's. ``saliency=attention`` multiplies each sample's ``s_v`` by its
+N_vis, i.e. measures attention relative to an even share of the image. The TopK ranking inside a
+sample (Eq. 7) is unchanged; ``sbar`` becomes the mean share of the text rows' attention that
+falls on the image, a number in [0, 1] that is block-adaptive in the way drift is, so Eq. 6 turns
+it into a budget the same way. (Rank-normalising instead would fix ``sbar`` at 0.5 in every block
+and lose the block adaptivity the ablation is about.)
 
 The dense pass that measures drift also gathers the statistics: each sample keeps the squared
 inputs of its visual tokens ranked by saliency (at most the budget's cap), and the budget picks
@@ -25,7 +37,7 @@ from .attention import AttentionRecorder
 from .base import WeightMethod, wanda_scores
 from .statistics import InputNorms
 
-SALIENCIES = ("drift", "attention", "diversity")
+SALIENCIES = ("drift", "attention", "attention-literal", "diversity")
 SELECTIONS = ("topk", "maxmin", "random")
 
 
@@ -102,7 +114,7 @@ class ATV(WeightMethod):
         counts: list[tuple[int, int]] = []              # per sample: (N_text, N_vis)
         saliency_sum, saliency_count = 0.0, 0
         outputs = []
-        recorder = AttentionRecorder(ctx.llm_config) if self.saliency == "attention" else None
+        recorder = AttentionRecorder(ctx.llm_config) if self.saliency.startswith("attention") else None
         with ctx.capture() as seen, (recorder or contextlib.nullcontext()):
             for i in range(ctx.n_samples):
                 visual = ctx.visual(i)
@@ -114,11 +126,13 @@ class ATV(WeightMethod):
                 x_in = ctx.hidden(i)
                 if self.saliency == "drift":
                     s = drift(x_in[visual], out[0][visual])
-                elif self.saliency == "attention":
+                elif recorder is not None:
                     s = recorder.probs[:, visual].mean(dim=0)
                 else:
                     s = diversity(x_in[visual])
                 n_text, n_vis = int(text.sum()), int(visual.sum())
+                if self.saliency == "attention":
+                    s = s * n_vis                      # relative to an even share (module docstring)
                 saliency_sum += float(s.sum())
                 saliency_count += n_vis
                 cap = min(n_vis, n_text if self.budget == "adaptive" else self.budget)

@@ -17,12 +17,16 @@ def register(subparsers) -> None:
         "prune", help="weight pruning (ATV, Wanda, SparseGPT, TAMP, magnitude); writes a save_pretrained directory",
         description="Prune the LLM's Linear weights of a vision-language model and save it with its processor.")
     parser.add_argument("--model", required=True, help="toy-large, toy-small or a save_pretrained directory")
-    parser.add_argument("--method", required=True,
+    parser.add_argument("--method", default=None,
                         help="magnitude, wanda, sparsegpt, tamp or atv, optionally with settings (atv:alpha=2)")
+    parser.add_argument("--recipe", default=None, metavar="FILE",
+                        help="instead of --method and its options: a YAML recipe (docs/RECIPES.md); its weight stage "
+                             "is applied and saved, its token stage recorded for vp.load and eval --recipe")
     parser.add_argument("--sparsity", type=float, default=None,
                         help="fraction of weights zeroed, in [0, 1) (default 0.5, or what --pattern fixes)")
     parser.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 or 4:8")
-    parser.add_argument("--nsamples", type=int, default=128, help="calibration samples (image + long caption)")
+    parser.add_argument("--nsamples", type=int, default=None,
+                        help="calibration samples (image + long caption; default 128, or the recipe's nsamples)")
     parser.add_argument("--calib", default="captions", choices=CALIBRATION_SOURCES,
                         help="calibration source: the toy world's caption pool")
     parser.add_argument("--targets", nargs="*", default=None, help="regexes of Linear names to prune (default: the LLM's)")
@@ -65,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
     # input errors first: they answer before the library loads, and --out before the pruning, not after it
     check_model(args.model)
     check_output(args.out, args.overwrite)
+    if args.recipe:
+        return run_recipe(args)
+    if not args.method:
+        raise VlmpruneError("prune needs --method M (or --recipe FILE)")
+    nsamples = 128 if args.nsamples is None else args.nsamples
     spec = method_spec(args.method, args.sparsity, args.pattern)
     check_spec(spec, "weights")
 
@@ -73,24 +82,50 @@ def run(args: argparse.Namespace) -> int:
     from .. import toyworld
     from ..eval.loading import load_model, stored_dtype
     from . import from_spec, prune
-    from .saving import save_pruned
+    from .saving import run_record, save_pruned
 
     method = from_spec(spec)
-    if method.needs_calibration and args.nsamples < 1:
+    if method.needs_calibration and nsamples < 1:
         raise VlmpruneError(f"--nsamples must be at least 1 for {method.name}: it needs calibration samples")
     torch.manual_seed(args.seed)
     model, processor = load_model(args.model)
-    calibration = (toyworld.calibration(processor, n=args.nsamples, seed=args.seed)
+    calibration = (toyworld.calibration(processor, n=nsamples, seed=args.seed)
                    if method.needs_calibration else None)
     report = prune(model, method, calibration=calibration, targets=args.targets, ignore=args.ignore,
                    device=args.device)
-    record = {**report.method, "source": dense_source(args.model, model),
-              "targets": args.targets or "every Linear of the LLM decoder layers", "ignore": args.ignore or [],
-              "calibration": args.calib if calibration else None,
-              "nsamples": len(calibration) if calibration else 0, "measured_sparsity": round(report.sparsity, 6),
-              "pruned_layers": len(report.layer_sparsity), "seconds": round(report.total_seconds, 2)}
+    record = run_record(report, dense_source(args.model, model), args.targets, args.ignore, args.calib,
+                        len(calibration) if calibration else 0)
     model.to(getattr(torch, args.dtype) if args.dtype else stored_dtype(args.model) or model.dtype)
     save_pruned(model, processor, args.out, record, overwrite=args.overwrite)
     print(f"pruned {len(report.layer_sparsity)} layers of {args.model} with {method.name} to "
           f"{report.sparsity:.2%} sparsity in {report.total_seconds:.1f} s; saved to {args.out}")
+    return 0
+
+
+def run_recipe(args: argparse.Namespace) -> int:
+    """``--recipe FILE``: the recipe is read and checked before the library loads; its weight stage is applied
+    and the model saved whole (:func:`vlmprune.compressed.prune_to_directory`)."""
+    from ..preflight import check_at_least
+    from ..recipes import read_recipe
+
+    given = [flag for flag, value in (("--method", args.method), ("--sparsity", args.sparsity),
+                                      ("--pattern", args.pattern), ("--targets", args.targets),
+                                      ("--ignore", args.ignore)) if value is not None]
+    if given:
+        raise VlmpruneError(f"--recipe sets the method and its options: drop {given[0]}, or edit the recipe")
+    recipe = read_recipe(args.recipe)
+    check_at_least(args.nsamples, 1, "--nsamples")
+
+    import torch
+
+    from ..compressed import prune_to_directory
+
+    applied = prune_to_directory(args.model, recipe, args.out, nsamples=args.nsamples, seed=args.seed,
+                                 device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                                 overwrite=args.overwrite)
+    token_stage = recipe.stage("tokens")
+    done = [f"weights {applied.report.method['method']} to {applied.report.sparsity:.2%} sparsity"
+            if applied.report else "no weight stage",
+            f"token method {token_stage.spec} recorded" if token_stage else "no token stage"]
+    print(f"applied {args.recipe} to {args.model}: {'; '.join(done)}; saved to {args.out}")
     return 0

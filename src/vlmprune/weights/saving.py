@@ -22,6 +22,16 @@ def save_pruned(model, processor, out: str | Path, record: dict[str, Any], overw
     return Path(out)
 
 
+def run_record(report, source: str, targets, ignore, calibration_source: str, nsamples: int) -> dict[str, Any]:
+    """The record of one pruning run (a :class:`~vlmprune.weights.sequential.PruneReport`): the method's
+    settings, what was pruned with which calibration, and what it measured."""
+    return {**report.method, "source": source,
+            "targets": targets or "every Linear of the LLM decoder layers", "ignore": ignore or [],
+            "calibration": calibration_source if nsamples else None, "nsamples": nsamples,
+            "measured_sparsity": round(report.sparsity, 6), "pruned_layers": len(report.layer_sparsity),
+            "seconds": round(report.total_seconds, 2)}
+
+
 def pruning_record(directory: str | Path) -> dict[str, Any] | None:
     """The record ``save_pruned`` wrote into ``directory``'s config.json, read without loading the model;
     None for anything else (a model name, a dense directory, no readable config)."""

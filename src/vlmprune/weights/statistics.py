@@ -5,7 +5,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from .pools import pool_mask
+from .pools import pool_masks
 
 Statistic = TypeVar("Statistic")
 
@@ -51,11 +51,11 @@ class Hessian:
 def pooled_statistics(ctx, statistic: Callable[[int, torch.device], Statistic], pool: str) -> dict[str, Statistic]:
     """Run every calibration sample through the block and feed each target's input tokens that
     belong to ``pool`` to its own ``statistic(width, device)`` accumulator."""
+    masks = pool_masks(ctx, pool)
     stats = {name: statistic(linear.in_features, ctx.device) for name, linear in ctx.linears.items()}
     with ctx.capture() as seen:
         for i in range(ctx.n_samples):
             ctx.forward(i)
-            keep = pool_mask(ctx.visual(i), pool)
             for name, (x, _) in seen.items():
-                stats[name].add(x[keep])
+                stats[name].add(x[masks[i]])
     return stats

@@ -1,21 +1,33 @@
-"""TAMP (Lee et al., 2025): diversity-aware layer sparsity and adaptive multimodal input activation.
+"""TAMP (Lee et al., 2025): adaptive multimodal input activation (AMIA) and, as an option,
+diversity-aware layer sparsity (DAS).
 
-Diversity-aware sparsity: a dense sweep measures, per Linear, the mean pairwise cosine similarity
-of its outputs within visual tokens, within text tokens and across (``s_vv, s_tt, s_vt``);
-``d = (1 - s_vv) + (1 - s_tt) + (1 - s_vt)``; every layer keeps at least ``1 - s_max`` of its
-weights (``s_max = s + 0.1``) and the remaining kept weights are shared in proportion to ``d``.
+Default, ``tamp``: every layer at the target sparsity, Wanda statistics over the tokens AMIA picks.
+That is TAMP as ATV-Pruning compares with it (seed 002): its TAMP rows include 2:4 and 4:8, where
+N:M fixes every layer's sparsity, so the comparison is AMIA under uniform sparsity.
 
-Adaptive multimodal input activation: per Linear and sample, tokens are picked greedily by the
-last token's attention propagated over a 3-nearest-neighbour graph of the Linear's outputs (the
-picked token's neighbours are penalised by ``exp(-0.2 D)``) until the MMD^2 between picked and all
-tokens (RBF kernel, sigma 1) falls under ``0.1 sqrt(1 - density)``, density being the mean of the
-three similarities; Wanda statistics over the picked tokens.
+AMIA: per Linear and sample, tokens are picked greedily by the last token's head-mean attention
+propagated over a 3-nearest-neighbour graph of the Linear's unit-norm outputs (a picked token's
+neighbours are penalised by ``exp(-0.2 D)``, D the cosine distance) until the MMD^2 between picked
+and all tokens (RBF kernel, sigma 1: ``exp(-||a - b||^2 / 2) = exp(-D)`` on unit vectors) falls
+under ``0.1 sqrt(1 - density)``, density being the mean of the three similarities below.
+
+DAS, ``tamp:das=1``: a dense sweep measures per Linear the similarities of its unit-norm outputs
+``s_vv, s_tt`` (within visual, within text tokens) and ``s_vt`` (across), averaged over samples;
+``d = (1 - s_vv) + (1 - s_tt) + (1 - s_vt)``. Every layer keeps at least ``1 - s_max`` of its
+weights (``s_max = s + max_gap``, 0.1) and the rest of the kept-weight budget is handed out as a
+number of weights in proportion to ``d`` alone, a layer's size not weighing in (capped at the
+layer's size, the excess shared again among the others). As in the authors' code
+(github.com/G-JWLee/TAMP, ``layer_single_base_pruner.py``: ``cos_pairwise_density`` and
+``compute_the_sparsity_per_group`` with ``score_method=density_sum``, one group per weight):
+``s_vv`` and ``s_tt`` are the means of the positive pairwise similarities only (upper triangle
+``> 0``), ``s_vt`` the mean of all cross pairs, and a layer's ``d`` is not multiplied by its size.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import VlmpruneError
 from .attention import AttentionRecorder
 from .base import WeightMethod, wanda_scores
 from .statistics import InputNorms
@@ -24,21 +36,22 @@ NEIGHBOURS = 3
 
 
 def modality_similarities(unit: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-    """(B, 3): mean pairwise cosine similarity within visual, within text and across, for
-    unit-norm outputs ``unit`` (B, L, C) and the (L,) visual mask. Empty groups give 0."""
+    """(B, 3): ``s_vv, s_tt, s_vt`` for unit-norm outputs ``unit`` (B, L, C) and the (L,) visual
+    mask: within a modality the mean of the positive pairwise similarities (pairs i < j), across
+    the mean of every visual-text pair (TAMP's reading). A group without such pairs gives 0."""
     sim = unit @ unit.transpose(1, 2)
     text = ~visual
 
-    def mean_within(mask):
+    def positive_mean_within(mask):
         n = int(mask.sum())
-        if n < 2:
-            return sim.new_zeros(sim.shape[0])
-        block = sim[:, mask][:, :, mask]
-        return (block.sum(dim=(1, 2)) - block.diagonal(dim1=1, dim2=2).sum(dim=1)) / (n * (n - 1))
+        pairs = torch.triu(torch.ones(n, n, dtype=torch.bool, device=sim.device), diagonal=1)
+        values = sim[:, mask][:, :, mask][:, pairs]
+        positive = values > 0
+        return (values * positive).sum(dim=1) / positive.sum(dim=1).clamp(min=1)
 
     across = sim[:, visual][:, :, text]
     cross = across.mean(dim=(1, 2)) if across.numel() else sim.new_zeros(sim.shape[0])
-    return torch.stack([mean_within(visual), mean_within(text), cross], dim=1)
+    return torch.stack([positive_mean_within(visual), positive_mean_within(text), cross], dim=1)
 
 
 @torch.no_grad()
@@ -91,18 +104,48 @@ def whole_row_sparsities(sparsities: dict[str, float], shapes: dict[str, tuple[i
     return rounded
 
 
+def diversity_allocation(importance: dict[str, float], sizes: dict[str, int], sparsity: float,
+                         max_sparsity: float) -> dict[str, float]:
+    """DAS: per-layer sparsities that prune ``sparsity`` of all weights. Each layer first keeps
+    ``(1 - max_sparsity) * size``; the kept weights still to hand out go to the layers as counts
+    in proportion to ``importance`` (``d``), a full layer's excess being shared again."""
+    kept = {name: (1 - max_sparsity) * size for name, size in sizes.items()}
+    spare = (1 - sparsity) * sum(sizes.values()) - sum(kept.values())
+    open_ = set(sizes)
+    while spare > 1e-9 and open_:
+        total = sum(importance[n] for n in open_)
+        if total <= 0:                          # no diversity left anywhere: equal counts
+            importance = dict.fromkeys(importance, 1.0)
+            continue
+        share = spare / total
+        full = {n for n in open_ if kept[n] + share * importance[n] >= sizes[n]}
+        if not full:
+            for n in open_:
+                kept[n] += share * importance[n]
+            break
+        for n in full:
+            spare -= sizes[n] - kept[n]
+            kept[n] = float(sizes[n])
+        open_ -= full
+    return {name: 1 - kept[name] / size for name, size in sizes.items()}
+
+
 class TAMP(WeightMethod):
     name = "tamp"
 
-    def __init__(self, sparsity: float | None = None, pattern=None, max_gap: float = 0.1):
+    def __init__(self, sparsity: float | None = None, pattern=None, das: bool | int = False, max_gap: float = 0.1):
         super().__init__(sparsity, pattern)
-        self.max_gap = float(max_gap)
-        self.needs_dense_sweep = self.pattern is None      # N:M fixes every layer's sparsity
+        if das not in (0, 1):
+            raise VlmpruneError(f"TAMP das must be 0 or 1 (diversity-aware layer sparsity off or on), got {das!r}")
+        if das and self.pattern is not None:
+            raise VlmpruneError("TAMP das=1 sets per-layer sparsities, which an N:M pattern fixes: drop das or the pattern")
+        self.das, self.max_gap = bool(das), float(max_gap)
+        self.needs_dense_sweep = self.das
         self.similarity: dict[str, torch.Tensor] = {}
         self.sparsities: dict[str, float] = {}
 
     def settings(self):
-        return {"max_gap": self.max_gap}
+        return {"das": self.das, "max_gap": self.max_gap}
 
     def layer_sparsity(self, name: str) -> float:
         return self.sparsities.get(name, self.sparsity)
@@ -119,30 +162,11 @@ class TAMP(WeightMethod):
         return outputs
 
     def allocate(self, per_block) -> None:
-        sizes = {name: linear.weight.numel() for linears in per_block for name, linear in linears.items()}
-        importance = {name: float(3 - self.similarity[name].sum()) for name in sizes}
-        floor = 1 - min(self.sparsity + self.max_gap, 1.0)
-        density = {name: floor for name in sizes}
-        spare = (1 - self.sparsity - floor) * sum(sizes.values())  # kept weights still to share
-        open_ = set(sizes)
-        while spare > 1e-9 and open_:           # share in proportion to d, capping density at 1
-            weight = sum(importance[n] * sizes[n] for n in open_)
-            if weight <= 0:                     # no diversity anywhere: share the rest evenly
-                importance = dict.fromkeys(importance, 1.0)
-                continue
-            share = spare / weight
-            full = {n for n in open_ if density[n] + share * importance[n] >= 1}
-            if not full:
-                for n in open_:
-                    density[n] += share * importance[n]
-                break
-            for n in full:
-                spare -= (1 - density[n]) * sizes[n]
-                density[n] = 1.0
-            open_ -= full
-        self.sparsities = whole_row_sparsities({name: 1 - value for name, value in density.items()},
-                                               {name: tuple(linear.weight.shape) for linears in per_block
-                                                for name, linear in linears.items()})
+        shapes = {name: tuple(linear.weight.shape) for linears in per_block for name, linear in linears.items()}
+        importance = {name: float(3 - self.similarity[name].sum()) for name in shapes}
+        sparsities = diversity_allocation(importance, {n: rows * cols for n, (rows, cols) in shapes.items()},
+                                          self.sparsity, min(self.sparsity + self.max_gap, 1.0))
+        self.sparsities = whole_row_sparsities(sparsities, shapes)
 
     @torch.no_grad()
     def prune_block(self, ctx) -> None:
