@@ -148,6 +148,35 @@ def test_split(task: str, n: int | None = None) -> list[Item]:
 
 test_split.__test__ = False  # a data accessor, not a test, when imported into a test module
 
+VALIDATION_SIZE = 500
+
+
+def _scene_key(scene: Scene) -> tuple:
+    return scene.objects, scene.background, scene.texture_seed
+
+
+@functools.lru_cache(maxsize=None)
+def _validation_items(task: str) -> tuple[Item, ...]:
+    rng = random.Random(f"vlmprune-toy-method-validation-{task}")
+    test_scenes = {_scene_key(item.scene) for item in _test_items(task)}
+    items: list[Item] = []
+    while len(items) < VALIDATION_SIZE:
+        item = sample_item(task, rng, rng.randint(*TEST_OBJECTS))
+        if _scene_key(item.scene) not in test_scenes:
+            items.append(item)
+    return tuple(items)
+
+
+def validation_split(task: str, n: int | None = None) -> list[Item]:
+    """Fixed, seeded items of ``task`` for choosing a method's settings, so that the test split only
+    reports (the first ``n`` when given). Drawn like the test split from a seed of their own, and no
+    scene of the test split is among them."""
+    if task not in TASKS:
+        raise VlmpruneError(f"unknown toy task {task!r}; choose from {', '.join(TASKS)}")
+    if n is not None and not 1 <= n <= VALIDATION_SIZE:
+        raise VlmpruneError(f"n must be between 1 and {VALIDATION_SIZE}, got {n}")
+    return list(_validation_items(task)[: n or VALIDATION_SIZE])
+
 
 def caption(scene: Scene, rng: random.Random) -> str:
     """A training caption naming each object in random order, binding names both ways.

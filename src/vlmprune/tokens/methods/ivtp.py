@@ -40,6 +40,9 @@ from ..text_relevance import clip_token_embeddings
 
 INSTRUCTIONS = ("ott", "ott+rt", "ott+te+rt")
 PSEUDO_CLS = ("llm", "clip", "hybrid", "visual")
+BUDGETS = ("2n", "equal")
+# what a chat template's generation prompt decodes to, whitespace removed, lower case (LLaVA, Qwen)
+ASSISTANT_MARKERS = ("assistant:", "assistant")
 # LLaVA-1.5's settings, scaled with the model: 128 of 576 visual tokens, 12 of 32 LLM layers.
 LLAVA_THRESHOLD = 128 / 576
 LLAVA_LLM_DEPTH = 12 / 32
@@ -49,20 +52,36 @@ TAU_NO_TEXT_ENCODER = 0.0
 
 
 class IVTP(TokenMethod):
-    """``ivtp:keep=16``; ablations: ``group`` (int or ``all``), ``rollout`` (residual, layer,
-    group-mean, mean, max, multiply), ``llm_group``, ``llm_layers``, ``instruction`` (ott, ott+rt,
-    ott+te+rt), ``pcls`` (llm, clip, hybrid, visual), ``real_pcls=true`` (the pseudo-[CLS] stays in
-    the sequence as a token the text sees, the paper's "w/ pseudo CLS"), ``tau``, ``llm=false`` (IVTP-V),
-    ``threshold`` (the 2n rule's, in tokens). ``clip``, ``clip_tokenizer``, ``tokenizer``: the CLIP
-    model and tokenizer and the LLM tokenizer (by default the toy CLIP for toy models, else the family's
-    text companion)."""
+    """``ivtp:keep=16``. Settings, with their defaults:
+
+    * ``group=3``: vision layers per pruning group (an int or ``all``); ``rollout=residual`` (also
+      layer, group-mean, mean, max, multiply).
+    * ``budget=2n``: how the visual tokens are shared between the stages. ``2n``: below ``threshold``
+      (default 128/576 of the visual tokens) the ViT goes to 2n and the LLM to n, else equal steps;
+      ``equal``: every pruning step of both stages removes the same number (on toy-large at 11%:
+      ``2n`` is 100 -> 61 -> 22 in the ViT, 22 -> 11 in the LLM; ``equal`` is 100 -> 70 -> 40 -> 11).
+    * ``llm_layers`` (default: 12/32 of the LLM's layers, at least ``llm_group``; 3 on toy-large) and
+      ``llm_group=3``: the instruction stage prunes at the input of layers ``llm_group, 2 llm_group,
+      ...`` up to ``llm_layers``; with one group, ``llm_layers`` is the one layer it prunes at.
+    * ``instruction=ott+te+rt`` (also ott, ott+rt): which text tokens make the pseudo-[CLS]; ``tau``
+      (default 0.2 for real CLIP, -0.11 for the toy CLIP, 0 for ott+rt): their relevance threshold.
+    * ``pcls=llm``: the pseudo-[CLS] source: the LLM input embeddings of the relevant tokens (llm), the
+      mean projected CLIP text embedding mapped into the LLM space (clip), the mean of llm and the
+      projected visual [CLS] (hybrid), or the projected visual [CLS] alone (visual).
+    * ``assistant=true``: the chat template's trailing generation prompt ("ASSISTANT:") counts as part
+      of the instruction; ``false`` leaves it out (it needs the LLM tokenizer to recognise it).
+    * ``real_pcls=false``: true keeps the pseudo-[CLS] as a token the text sees (the paper's "w/ pseudo
+      CLS"); ``llm=true``: false is IVTP-V, the vision stage alone.
+    * ``clip``, ``clip_tokenizer``, ``tokenizer``: the CLIP model and tokenizer and the LLM tokenizer
+      (by default the toy CLIP for toy models, else the family's text companion).
+    """
 
     name = "ivtp"
 
     def __init__(self, keep: int | float = 0.11, group: int | str = 3, rollout: str = "residual",
                  llm_group: int = 3, llm_layers: int | None = None, instruction: str = "ott+te+rt",
                  pcls: str = "llm", real_pcls: bool = False, tau: float | None = None, llm: bool = True,
-                 threshold: float | None = None,
+                 threshold: float | None = None, budget: str = "2n", assistant: bool = True,
                  clip: Any = None, clip_tokenizer: Any = None, tokenizer: Any = None):
         scorers.resolve_keep(keep, 10**9)
         if group != "all" and (not isinstance(group, int) or group < 1):
@@ -79,9 +98,14 @@ class IVTP(TokenMethod):
             raise VlmpruneError(f"ivtp real_pcls={real_pcls!r} must be true or false, and true needs the LLM stage")
         if not isinstance(llm_group, int) or llm_group < 1:
             raise VlmpruneError(f"ivtp llm_group={llm_group!r} must be a layer count >= 1")
+        if budget not in BUDGETS:
+            raise VlmpruneError(f"ivtp budget={budget!r}; choose one of: {', '.join(BUDGETS)}")
+        if not isinstance(assistant, bool):
+            raise VlmpruneError(f"ivtp assistant={assistant!r} must be true or false")
         self.keep, self.group, self.rollout = keep, group, rollout
         self.llm_group, self.llm_layers, self.instruction = llm_group, llm_layers, instruction
         self.pcls, self.real_pcls, self.tau, self.llm, self.threshold = pcls, real_pcls, tau, llm, threshold
+        self.budget, self.assistant = budget, assistant
         self._clip, self._clip_tokenizer, self._tokenizer = clip, clip_tokenizer, tokenizer
         self._vit_sites: list[Site] = []
         self._llm_sites: list[Site] = []
@@ -117,6 +141,8 @@ class IVTP(TokenMethod):
     def reduce(self, ctx: SiteContext) -> Reduction:
         target = scorers.resolve_keep(self.keep, ctx.n_visual)
         threshold = self.threshold if self.threshold is not None else LLAVA_THRESHOLD * ctx.n_visual
+        if self.budget == "equal":
+            threshold = 0
         vit, llm = scorers.ivtp_schedule(ctx.n_visual, target, len(self._vit_sites), len(self._llm_sites), threshold)
         vision = ctx.site.where == "vision"
         count = (vit if vision else llm)[(self._vit_sites if vision else self._llm_sites).index(ctx.site)]
@@ -124,11 +150,15 @@ class IVTP(TokenMethod):
         query = ctx.query if not vision else torch.full_like(ctx.visual[:, 0], ctx.cls)
         query_row = scorers.grouped_rollout_row(ctx.attention, layers, query, self.rollout)
         score = scorers.significance(query_row, ctx.values(layers[-1]), ctx.visual)
-        keep = scorers.top_indices(score, min(count, ctx.visual.shape[1]))
+        keep = self.select(ctx, score, min(count, ctx.visual.shape[1]))
         if vision and ctx.site == self._vit_sites[-1] and self._llm_sites:
             kept = scorers.gather_tokens(ctx.hidden, ctx.visual.gather(1, keep))
             self._meet(sequence=torch.cat([ctx.hidden[:, ctx.cls : ctx.cls + 1], kept], dim=1))
         return Reduction(keep=keep)
+
+    def select(self, ctx: SiteContext, score: torch.Tensor, count: int) -> torch.Tensor:
+        """(B, count) indices into the current visual tokens: IVTP keeps the most significant."""
+        return scorers.top_indices(score, count)
 
     # -- the pseudo-[CLS] ------------------------------------------------------------------------
     def scoring_token_is_real(self) -> bool:
@@ -146,12 +176,8 @@ class IVTP(TokenMethod):
         adapter = get_adapter(model)
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         embed = model.get_input_embeddings()
-        instructions = []
-        for b, row in enumerate(ids):
-            after = adapter.image_token_mask(row[None])[0].nonzero().max() + 1
-            valid = torch.ones_like(row, dtype=torch.bool) if mask is None else mask[b].bool()
-            text_ids = row[after:][valid[after:]]
-            instructions.append((text_ids, embed(text_ids)))
+        tokenizer = None if self.assistant else self._llm_tokenizer(model)
+        instructions = [(text_ids, embed(text_ids)) for text_ids in instruction_ids(adapter, ids, mask, tokenizer)]
         slot = torch.zeros(ids.shape[0], embed.embedding_dim, dtype=embed.weight.dtype, device=embed.weight.device)
         if not self._vit_sites:
             for b, (_, embeds) in enumerate(instructions):
@@ -204,15 +230,13 @@ class IVTP(TokenMethod):
     # -- CLIP --------------------------------------------------------------------------------
     def _companions(self, model: Any):
         if self._clip is None or self._clip_tokenizer is None:
-            self._clip, self._clip_tokenizer = _tower_clip(model)
+            self._clip, self._clip_tokenizer = tower_clip(model, self.name, "instruction=ott+rt")
+        return self._clip, self._clip_tokenizer, self._llm_tokenizer(model)
+
+    def _llm_tokenizer(self, model: Any):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path)
-            except (OSError, ValueError):
-                raise VlmpruneError("ivtp needs the LLM tokenizer: pass tokenizer=... or load the model from a "
-                                    "directory that holds one") from None
-        return self._clip, self._clip_tokenizer, self._tokenizer
+            self._tokenizer = llm_tokenizer(model, self.name)
+        return self._tokenizer
 
     @torch.no_grad()
     def _image_embedding(self, model: Any, sequence: torch.Tensor) -> torch.Tensor:
@@ -265,7 +289,39 @@ def llm_token_spans(tokenizer: Any, ids: list[int]) -> tuple[list[tuple[int, int
     return spans, tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _tower_clip(model: Any) -> tuple[Any, Any]:
+def instruction_ids(adapter: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    tokenizer: Any = None) -> list[torch.Tensor]:
+    """Each sample's instruction: its real (unpadded) token ids after the image. With a ``tokenizer``,
+    a trailing generation prompt ("ASSISTANT:", :data:`ASSISTANT_MARKERS`) is left out."""
+    rows = []
+    for b, row in enumerate(input_ids):
+        after = adapter.image_token_mask(row[None])[0].nonzero().max() + 1
+        valid = torch.ones_like(row, dtype=torch.bool) if attention_mask is None else attention_mask[b].bool()
+        text_ids = row[after:][valid[after:]]
+        rows.append(text_ids if tokenizer is None else text_ids[: len(text_ids) - _assistant_length(tokenizer, text_ids)])
+    return rows
+
+
+def _assistant_length(tokenizer: Any, ids: torch.Tensor) -> int:
+    """How many trailing tokens of ``ids`` decode to a generation prompt (the shortest run; 0 if none)."""
+    for count in range(1, len(ids)):
+        tail = "".join(tokenizer.decode(ids[-count:].tolist(), skip_special_tokens=True).split()).lower()
+        if tail in ASSISTANT_MARKERS:
+            return count
+    return 0
+
+
+def llm_tokenizer(model: Any, method: str) -> Any:
+    """The LLM tokenizer saved beside the model (a method that decodes the instruction needs it)."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model.config._name_or_path)
+    except (OSError, ValueError):
+        raise VlmpruneError(f"{method} needs the LLM tokenizer: pass tokenizer=... or load the model from a "
+                            "directory that holds one") from None
+
+
+def tower_clip(model: Any, method: str, alternative: str) -> tuple[Any, Any]:
     """The tower's CLIP and its tokenizer: the toy CLIP for a toy checkpoint, else the family's text
     companion (:mod:`vlmprune.models.companions`), on the tower's device."""
     if _is_toy(model):
@@ -277,15 +333,20 @@ def _tower_clip(model: Any) -> tuple[Any, Any]:
     try:
         clip, clip_tokenizer = text_companion(adapter.family)
     except VlmpruneError as error:
-        raise VlmpruneError(f"ivtp: {error}, or use instruction=ott+rt") from None
+        raise VlmpruneError(f"{method}: {error}, or use {alternative}") from None
     device = next(adapter.vision_tower.parameters()).device
     # a shape-only (meta) count runs the CPU copy on meta inputs; moving the shared copy there would empty it
     return (clip if device.type == "meta" else clip.to(device)), clip_tokenizer
 
 
 def _is_toy(model: Any) -> bool:
-    """A shipped toy checkpoint, whose tower is the toy CLIP's."""
+    """A shipped toy checkpoint, or a pruned copy of one (its saved record names the source), whose tower
+    is the toy CLIP's."""
     from pathlib import Path
-    from ...toyworld import CHECKPOINTS
+    from ...toyworld import CHECKPOINTS, MODELS
+    from ...weights.saving import CONFIG_KEY
+    record = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    if isinstance(record, dict) and record.get("source") in MODELS:
+        return True
     path = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
     return bool(path) and Path(path).resolve().parent == CHECKPOINTS.resolve()
