@@ -30,6 +30,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_pgp(args: argparse.Namespace) -> int:
+    from ..tokens.guidance.train_pgp import PGPTraining, train_pgp
+    if args.threads < 1:
+        raise VlmpruneError(f"--threads must be at least 1, got {args.threads}")
+    train_pgp(args.out, training=PGPTraining(steps=args.steps, batch=args.batch, lr=args.lr), seed=args.seed,
+              threads=args.threads)
+    return 0
+
+
 def register(subparsers) -> None:
     toy = subparsers.add_parser("toy", help="the toy world")
     toy_commands = toy.add_subparsers(dest="toy_command", required=True, metavar="TOY_COMMAND")
@@ -42,3 +51,11 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster only on an idle CPU)")
     parser.set_defaults(func=_run)
+    pgp = toy_commands.add_parser("train-pgp", help="train PGP's guide (LoRA + bottleneck) on toy-small")
+    pgp.add_argument("--out", default="toy-checkpoints/toy-small-pgp", help="directory for the guide (default: %(default)s)")
+    pgp.add_argument("--steps", type=int, default=400, help="optimizer steps (default: %(default)s)")
+    pgp.add_argument("--batch", type=int, default=16, help="items per step (default: %(default)s)")
+    pgp.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
+    pgp.add_argument("--seed", type=int, default=0)
+    pgp.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    pgp.set_defaults(func=_run_pgp)

@@ -1,0 +1,126 @@
+"""Training PGP's guide on toy QA (METHODS.md 2.2): only the LoRA adapters and the bottleneck learn;
+the large model takes no part.
+
+Each step runs two passes over a batch laid out prompt, then image, then answer (:func:`pgp.image_last`):
+pass 1 reads the final visual states ``V'`` and their ``KL_i``; pass 2 puts samples
+``Z_i = mu_i + sigma_i * eps`` where the visual token embeddings were and takes the answer
+cross-entropy. Loss = CE + (beta / m) * sum_i KL_i over the m visual tokens, averaged over the batch;
+beta falls linearly from ``tau_max`` to ``tau_min`` over the first ``gamma`` of the steps.
+
+Scaled to the toy world (the seed's settings are for a 2B guide and days of GPU time): batch 16 without
+gradient accumulation (the seed: 16 x 11), and learning rate 1e-3 instead of 5e-5, since the toy run has
+a few hundred steps and the bottleneck starts from scratch. LoRA rank 32 and alpha 64 and AdamW with
+weight decay 0.01 are the seed's.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ...errors import VlmpruneError
+from ..scorers import gather_tokens
+from .pairing import load_small, visual_positions
+from .pgp import PGPGuide, PGPSettings, image_last
+
+
+@dataclass
+class PGPTraining:
+    steps: int = 400
+    batch: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    tau_max: float = 0.5
+    tau_min: float = 0.2
+    gamma: float = 0.2
+
+
+def beta_at(step: int, total: int, tau_max: float = 0.5, tau_min: float = 0.2, gamma: float = 0.2) -> float:
+    """The KL weight at ``step`` (0-based) of ``total``: linear from tau_max to tau_min over the first
+    ``gamma * total`` steps, then tau_min."""
+    ramp = gamma * total
+    if ramp <= 0:
+        return tau_min
+    return tau_max - (tau_max - tau_min) * min(1.0, step / ramp)
+
+
+def qa_batch(processor, small, rng: random.Random, size: int) -> dict[str, torch.Tensor]:
+    """``size`` fresh toy QA items (the training generator, never the test split) as image-last prompts
+    followed by the answer and ``</s>``, right-padded, with labels on the answer only."""
+    from ...toyworld import TASKS, build_prompt
+    from ...toyworld.tasks import TEST_OBJECTS, sample_item
+    from ...toyworld.train import pixel_values
+
+    tokenizer = processor.tokenizer
+    items = [sample_item(rng.choice(TASKS), rng, rng.randint(*TEST_OBJECTS)) for _ in range(size)]
+    rows, labels = [], []
+    for item in items:
+        prompt = processor(text=[build_prompt(processor, item.question)], images=[item.image], return_tensors="pt")
+        ordered = image_last(small, {"input_ids": prompt["input_ids"], "attention_mask": prompt["attention_mask"]})
+        answer = tokenizer(item.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = ordered["input_ids"][0].tolist()
+        rows.append(ids + answer)
+        labels.append([-100] * len(ids) + answer)
+    length = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    return {"input_ids": torch.tensor([r + [pad] * (length - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows]),
+            "labels": torch.tensor([r + [-100] * (length - len(r)) for r in labels]),
+            "pixel_values": pixel_values([item.image for item in items])}
+
+
+def pgp_losses(guide: PGPGuide, batch: dict[str, torch.Tensor], beta: float) -> dict[str, torch.Tensor]:
+    """The two passes of one step: ``{"ce", "kl", "loss"}`` (kl: mean over tokens and batch)."""
+    small = guide.small
+    visual = visual_positions(small, batch["input_ids"])
+    out = small(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"], output_hidden_states=True, use_cache=False)
+    states = gather_tokens(out.hidden_states[-1], visual)
+    mu, sigma = guide.bottleneck(states)
+    kl = guide.bottleneck.kl(mu, sigma)                                        # (B, m)
+    sample = mu + sigma * torch.randn_like(sigma)
+    embeds = small.get_input_embeddings()(batch["input_ids"])
+    embeds = embeds.scatter(1, visual[..., None].expand_as(sample), sample.to(embeds.dtype))
+    logits = small(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False).logits
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    kl_term = kl.sum(1).mean() / kl.shape[1]
+    return {"ce": ce, "kl": kl_term, "loss": ce + beta * kl_term}
+
+
+def train_pgp(out: str, base: str = "toy-small", training: PGPTraining | None = None, seed: int = 0,
+              threads: int = 1, settings: PGPSettings | None = None, progress: bool = True) -> PGPGuide:
+    """Train a guide on ``base`` (a toy small model) and save it to ``out`` (fp16 adapters and module)."""
+    from ...toyworld import load
+
+    training = training or PGPTraining()
+    if training.steps < 1 or training.batch < 1 or not training.lr > 0:
+        raise VlmpruneError(f"train-pgp needs steps >= 1, batch >= 1 and lr > 0; got {training}")
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    _, processor = load(base)  # the toy processor: training items come from the toy world
+    guide = PGPGuide(load_small(base), settings or PGPSettings(base=base))
+    guide.small.requires_grad_(False)
+    params = guide.adapter_parameters()
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
+    rng = random.Random(f"vlmprune-pgp-train-{seed}")
+    guide.train()
+    started = time.time()
+    bar = tqdm(range(training.steps), desc="train-pgp", unit="step", disable=not progress)
+    for step in bar:
+        beta = beta_at(step, training.steps, training.tau_max, training.tau_min, training.gamma)
+        losses = pgp_losses(guide, qa_batch(processor, guide.small, rng, training.batch), beta)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        bar.set_postfix(ce=f"{losses['ce'].item():.3f}", kl=f"{losses['kl'].item():.2f}", beta=f"{beta:.2f}")
+    guide.eval()
+    guide.save(out)
+    if progress:
+        print(f"train-pgp: {training.steps} steps in {(time.time() - started) / 60:.1f} min -> {out}", flush=True)
+    return guide
