@@ -12,8 +12,11 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="accuracy per toy task, retention, FLOPs and prefill latency",
         description="Evaluate a model on the toy tasks, optionally with a token-pruning method attached.")
-    parser.add_argument("--model", required=True, help="toy-large, toy-small or a save_pretrained directory")
+    parser.add_argument("--model", default=None, help="toy-large, toy-small or a save_pretrained directory")
     parser.add_argument("--tokens", default=None, metavar="SPEC", help="token method, e.g. ivtp:keep=16")
+    parser.add_argument("--recipe", default=None, metavar="FILE",
+                        help="instead of --tokens: the tokens stage of a YAML recipe (its weights stage is applied "
+                             "by vlmprune prune --recipe)")
     parser.add_argument("--tasks", default=None, metavar="LIST", help="comma-separated toy tasks (default: all)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task")
     parser.add_argument("--batch-size", type=int, default=32, metavar="B")
@@ -23,6 +26,9 @@ def register(subparsers) -> None:
                              "the same model without them)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     parser.add_argument("--md", default=None, metavar="PATH", help="write the result as a Markdown table")
+    parser.add_argument("--compare", nargs=2, default=None, metavar=("A.json", "B.json"),
+                        help="instead of evaluating: compare two eval --json results item by item (95%% intervals, "
+                             "exact McNemar test on the same items); with --json, write the comparison there")
     parser.set_defaults(func=run)
 
 
@@ -42,10 +48,20 @@ def row_label(model, tokens: str | None) -> str:
 
 
 def run(args) -> int:
+    if args.compare:
+        from .compare import run_compare
+
+        return run_compare(*args.compare, json_out=args.json)
+    if not args.model:
+        raise VlmpruneError("eval needs --model NAME_OR_DIR (or --compare A.json B.json)")
     check_model(args.model)        # input errors first: they answer before the library loads
     check_at_least(args.limit, 1, "--limit")
     check_at_least(args.batch_size, 1, "--batch-size")
     tasks = check_tasks(args.tasks)
+    if args.recipe:
+        from ..recipes import recipe_token_spec
+
+        args.tokens = recipe_token_spec(args.recipe, args.tokens)
     if args.tokens:
         check_spec(args.tokens, "tokens")
     reference = _reference_tasks(args.reference) if args.reference else None
