@@ -54,3 +54,19 @@ def test_time_arithmetic():
     assert remaining(elapsed=30.0, done=3, total=10) == 70.0
     assert remaining(elapsed=5.0, done=0, total=10) is None
     assert [seconds_text(s) for s in (0.4, 59, 61, 3725)] == ["0 s", "59 s", "1 min 1 s", "1 h 2 min"]
+
+
+def test_a_command_writing_to_a_log_prints_no_bar(tmp_path):
+    """Off a terminal the Hugging Face bars (loading and writing weights) are off too: stderr holds
+    only whole lines, with vlmprune's own per-block progress among them."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    result = subprocess.run([sys.executable, "-m", "vlmprune.cli", "prune", "--model", "toy-large",
+                             "--method", "magnitude", "--out", str(tmp_path / "pruned")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "it/s" not in result.stderr
+    assert "magnitude: block 8/8 done" in result.stderr

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import VlmpruneError, one_line
+from .progress import quiet_library_bars
 
 # command -> (module with register(), one-line summary for the top-level help)
 COMMANDS = {
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     command = _command_in(argv)
     parser = build_parser([command] if command is not None else [])
     args = parser.parse_args(argv)
+    quiet_library_bars()
     try:
         return int(args.func(args) or 0)
     except VlmpruneError as exc:

@@ -6,11 +6,25 @@ Both go to stderr so that a command's stdout (a table, JSON) stays clean.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Callable, Iterable, Iterator, TextIO, TypeVar
 
 T = TypeVar("T")
+
+
+def quiet_library_bars(stream: TextIO | None = None) -> None:
+    """Off a terminal, turn off the bars of the Hugging Face libraries too (loading and writing
+    weights): they read ``HF_HUB_DISABLE_PROGRESS_BARS`` when first imported, and transformers, if
+    already imported, is told directly. A user's own setting of the variable wins."""
+    if (stream or sys.stderr).isatty():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
 
 
 def seconds_text(seconds: float) -> str:
