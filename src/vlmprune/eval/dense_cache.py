@@ -1,7 +1,7 @@
 """On-disk cache of dense per-task accuracy, so retention sweeps evaluate the dense model once.
 
 The key covers the model (its name and a digest of its weights, so a weight-pruned copy never reads
-its original's entry), the tasks, the item limit, the generation length and the version of the
+its original's entry), the tasks, the split, the item limit, the generation length and the version of the
 entry's layout (an entry written before per-item outcomes were recorded is never read back). The
 directory is ``$VLMPRUNE_CACHE`` or ``~/.cache/vlmprune``.
 """
@@ -32,9 +32,11 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def key(model: torch.nn.Module, tasks: list[str], limit: int | None, max_new_tokens: int) -> str:
+def key(model: torch.nn.Module, tasks: list[str], limit: int | None, max_new_tokens: int,
+        split: str = "test") -> str:
     name = getattr(model, "name_or_path", "") or type(model).__name__
-    text = json.dumps([LAYOUT, name, weights_digest(model), tasks, limit, max_new_tokens])
+    fields = [LAYOUT, name, weights_digest(model), tasks, limit, max_new_tokens]
+    text = json.dumps(fields if split == "test" else fields + [split])   # test keys as before: caches stay valid
     return hashlib.sha1(text.encode()).hexdigest()
 
 

@@ -7,8 +7,9 @@ A result is a plain dict (the ``vlmprune eval --json`` contract)::
      "average": fraction, "average_interval": [lo, hi], "retention": percent or None,
      "flops": {"vision", "projector", "llm", "extra", "total"}, "prefill_ms": median}
 
-``interval`` is a 95% Wilson interval; ``correct`` holds one 0/1 character per item in test-split
-order, so two results on the same items can be compared item by item (see :mod:`.compare`).
+``interval`` is a 95% Wilson interval; ``correct`` holds one 0/1 character per item in split order,
+so two results on the same items can be compared item by item (see :mod:`.compare`). ``split`` is
+``"test"`` (reports) or ``"validation"`` (choosing a method's settings without looking at the test items).
 
 With a token method, retention is measured against the same model without it on the same items;
 that dense result is cached on disk (see :mod:`.dense_cache`) so sweeps do not recompute it.
@@ -29,6 +30,7 @@ from .statistics import mean_interval, outcome_string, wilson_interval
 
 MAX_NEW_TOKENS = 5  # toy answers are one word (or a letter) and </s>
 LATENCY_REPEATS = 5
+SPLITS = ("test", "validation")
 
 
 def resolve_tasks(tasks: str | Iterable[str] | None) -> list[str]:
@@ -43,11 +45,15 @@ def resolve_tasks(tasks: str | Iterable[str] | None) -> list[str]:
     return names
 
 
-def load_items(tasks: Sequence[str], limit: int | None) -> dict[str, list]:
-    """The first ``limit`` items of each task's fixed test split (all of it when ``None``)."""
+def load_items(tasks: Sequence[str], limit: int | None, split: str = "test") -> dict[str, list]:
+    """The first ``limit`` items of each task's fixed ``split`` (all of it when ``None``)."""
     if limit is not None and limit < 1:
         raise VlmpruneError(f"--limit must be at least 1, got {limit}")
-    return {task: list(toyworld.test_split(task, limit)) for task in tasks}
+    if split not in SPLITS:
+        raise VlmpruneError(f"unknown split {split!r}; choose from: {', '.join(SPLITS)}")
+    from ..toyworld.tasks import validation_split
+    items = toyworld.test_split if split == "test" else validation_split
+    return {task: list(items(task, limit)) for task in tasks}
 
 
 def token_method(tokens: Any):
@@ -153,9 +159,9 @@ def _accuracy(model, processor, method, items_by_task, batch_size, max_new_token
 
 def dense_accuracy(model, processor, items_by_task: dict[str, list], limit: int | None,
                    batch_size: int = 32, max_new_tokens: int = MAX_NEW_TOKENS,
-                   progress: bool = True) -> dict[str, dict]:
+                   progress: bool = True, split: str = "test") -> dict[str, dict]:
     """Per-task accuracy without token pruning, from the on-disk cache when this model has been run."""
-    key = dense_cache.key(model, list(items_by_task), limit, max_new_tokens)
+    key = dense_cache.key(model, list(items_by_task), limit, max_new_tokens, split)
     cached = dense_cache.read(key)
     if cached is not None:
         return cached
@@ -168,25 +174,26 @@ def dense_accuracy(model, processor, items_by_task: dict[str, list], limit: int 
 def evaluate(model, processor, tokens=None, tasks=None, limit: int | None = None, *,
              batch_size: int = 32, max_new_tokens: int = MAX_NEW_TOKENS,
              reference: dict | None = None, measure: bool = True, progress: bool = True,
-             model_name: str | None = None) -> dict:
+             model_name: str | None = None, split: str = "test") -> dict:
     """Evaluate ``model`` on the toy tasks, optionally with a token method (SPEC or object) attached.
 
     ``reference``: the ``"tasks"`` part of a dense result to compute retention against (a
     weight-pruned model against its original); by default, with a token method, the same model
-    without it. ``measure=False`` skips FLOPs and latency (both are then ``None``).
+    without it. ``measure=False`` skips FLOPs and latency (both are then ``None``). ``split``: the
+    items, ``"test"`` or ``"validation"``.
     """
     method = token_method(tokens)
     names = resolve_tasks(tasks)
-    items_by_task = load_items(names, limit)
+    items_by_task = load_items(names, limit, split)
     if method is None:
         per_task = dense_accuracy(model, processor, items_by_task, limit, batch_size, max_new_tokens,
-                                  progress)
+                                  progress, split)
     else:
         per_task = _accuracy(model, processor, method, items_by_task, batch_size, max_new_tokens,
                              progress, f"eval {method.spec()}")
         if reference is None:
             reference = dense_accuracy(model, processor, items_by_task, limit, batch_size,
-                                       max_new_tokens, progress)
+                                       max_new_tokens, progress, split)
     flops, prefill_ms = (None, None)
     if measure:
         flops, prefill_ms = _cost(model, processor, method, items_by_task[names[0]][0])
