@@ -30,22 +30,34 @@ import torch
 
 from vlmprune import toyworld, weights
 from vlmprune.eval.harness import evaluate
+from vlmprune.eval.statistics import compare_pooled, format_p
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
 QUICK_OUT = Path(tempfile.gettempdir()) / "vlmprune_weights_quick"
 METHODS = ("atv", "wanda", "sparsegpt", "tamp", "magnitude")
 SETTINGS = {"50%": "sparsity=0.5", "60%": "sparsity=0.6", "2:4": "pattern=2:4", "4:8": "pattern=4:8"}
+# Rows beside the five methods, label -> SPEC prefix: ATV-selected calibration for SparseGPT's Hessian,
+# Wanda on the text-only pool (the modality-gap remedy), TAMP with DAS (unstructured only: N:M fixes
+# every layer's sparsity, so DAS has nothing to allocate there).
+VARIANTS = {"sparsegpt pool=atv": ("sparsegpt:pool=atv", tuple(SETTINGS)),
+            "wanda pool=text": ("wanda:pool=text", tuple(SETTINGS)),
+            "tamp das=1": ("tamp:das=1", ("50%", "60%"))}
+# Paired comparisons (A, B) in every setting, pooled over tasks: the claims the tables make.
+CLAIMS = (("atv", "wanda"), ("atv", "tamp"), ("atv", "sparsegpt"), ("magnitude", "wanda"),
+          ("sparsegpt pool=atv", "sparsegpt"), ("wanda pool=text", "wanda"), ("wanda pool=text", "magnitude"),
+          ("tamp das=1", "tamp"))
 # In vlmprune.weights.pools "all" and "mixed" are one pool (every token of the image-text samples).
 POOLS = {"all tokens = mixed (Wanda's default)": "wanda:sparsity=0.5,pool=mixed",
          "text-only": "wanda:sparsity=0.5,pool=text", "visual-only": "wanda:sparsity=0.5,pool=visual",
          "ATV-Pruning (all text + drifting visual)": "atv:sparsity=0.5"}
-SELECTION = {"drift TopK (ATV)": "atv:sparsity=0.5", "ABS (attention)": "atv:sparsity=0.5,saliency=attention",
+SELECTION = {"drift TopK (ATV)": "atv:sparsity=0.5", "ABS (attention, relative scale)": "atv:sparsity=0.5,saliency=attention",
+             "ABS literal (attention-literal)": "atv:sparsity=0.5,saliency=attention-literal",
              "DBS (diversity, max-min)": "atv:sparsity=0.5,saliency=diversity",
              "random visual tokens": "atv:sparsity=0.5,select=random",
              "fixed budget (16 per sample)": "atv:sparsity=0.5,budget=16"}
 ALPHAS = (0, 0.5, 1, 2, 4, 8)
 MOT_PATHWAYS, MOT_POOLS = ("text", "visual"), ("text", "visual", "mixed")
-PARTS = ("main50", "time", "pools", "selection", "alpha", "mot", "main60", "drift")
+PARTS = ("main50", "main60", "selection", "pools", "probe", "time", "drift", "alpha", "mot")
 SAME_RUN = ("model", "limit", "nsamples", "mot_sparsity")        # rows cached under other values are not reused
 
 
@@ -85,9 +97,11 @@ class Bench:
         self.dense_tasks = dense["tasks"]
 
     def evaluated(self, model, reference=None) -> dict:
+        """Per task: accuracy, n, 95% interval and the per-item outcomes the paired tests read."""
         result = evaluate(model, self.processor, limit=self.args.limit, reference=reference, measure=False,
                           progress=False)
-        return {"tasks": result["tasks"], "average": result["average"], "retention": result["retention"]}
+        return {"tasks": result["tasks"], "average": result["average"],
+                "average_interval": result["average_interval"], "retention": result["retention"]}
 
     def pruned(self, spec: str) -> dict:
         """Prune a copy of the dense model with ``spec`` and evaluate it (once per SPEC)."""
@@ -95,9 +109,22 @@ class Bench:
         if shared is not None:
             return shared
         model = copy.deepcopy(self.model)
-        report = weights.prune(model, weights.from_spec(spec), calibration=self.calibration, captured=self.captured)
-        return {"spec": spec, "prune_seconds": report.total_seconds, "sparsity": report.sparsity,
-                **self.evaluated(model, self.dense_tasks)}
+        method = weights.from_spec(spec)
+        report = weights.prune(model, method, calibration=self.calibration, captured=self.captured)
+        row = {"spec": spec, "prune_seconds": report.total_seconds, "sparsity": report.sparsity}
+        history = getattr(method, "history", None)
+        if history:     # ATV variants: visual tokens selected per sample, per block
+            row["visual_tokens"] = [h["visual_tokens"] for h in history]
+        return {**row, **self.evaluated(model, self.dense_tasks)}
+
+    def probe(self) -> dict:
+        """The modality gap behind magnitude beating Wanda (see vlmprune.weights.modality_gap)."""
+        from vlmprune.weights.modality_gap import modality_gap
+
+        items = [item for task in toyworld.TASKS for item in toyworld.test_split(task, self.args.probe_items)]
+        prompts = [self.processor(images=[item.image], text=[toyworld.build_prompt(self.processor, item.question)],
+                                  return_tensors="pt") for item in items]
+        return {"items": len(items), "blocks": modality_gap(self.model, self.calibration, prompts)}
 
     def mot(self, pathway: str, pool: str) -> dict:
         from vlmprune.weights.mot import to_mot
@@ -126,7 +153,12 @@ def jobs_of(part: str, bench: Bench) -> tuple[str, dict]:
     """The table a ``--part`` fills and its rows, label -> how to compute the row."""
     if part in ("main50", "main60"):
         keys = ("50%", "2:4") if part == "main50" else ("60%", "4:8")
-        return "main", {f"{m} {k}": (lambda s=f"{m}:{SETTINGS[k]}": bench.pruned(s)) for k in keys for m in METHODS}
+        specs = {f"{m} {k}": f"{m}:{SETTINGS[k]}" for k in keys for m in METHODS}
+        specs.update({f"{label} {k}": f"{prefix},{SETTINGS[k]}" for label, (prefix, settings) in VARIANTS.items()
+                      for k in keys if k in settings})
+        return "main", {label: (lambda s=s: bench.pruned(s)) for label, s in specs.items()}
+    if part == "probe":
+        return "probe", {"modality gap": bench.probe}
     if part == "pools":
         return "pools", {k: (lambda s=s: bench.pruned(s)) for k, s in POOLS.items()}
     if part == "selection":
@@ -170,22 +202,71 @@ def _pct(value) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def _task_table(rows: list[tuple[str, dict]], first: str) -> list[str]:
+def _with_interval(row: dict) -> str:
+    low, high = row["average_interval"]
+    return f"{100 * row['average']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _mean_k(row: dict) -> str:
+    counts = row.get("visual_tokens")
+    return "-" if not counts else f"{sum(counts) / len(counts):.1f}"
+
+
+def _task_table(rows: list[tuple[str, dict]], first: str, mean_k: bool = False) -> list[str]:
     tasks = list(toyworld.TASKS)
-    lines = [f"| {first} | " + " | ".join(tasks) + " | average | retention % |",
-             "|---" * (len(tasks) + 3) + "|"]
+    extra = " mean K per block |" if mean_k else ""
+    lines = [f"| {first} | " + " | ".join(tasks) + f" | average [95% CI] | retention % |{extra}",
+             "|---" * (len(tasks) + 3 + mean_k) + "|"]
     for label, row in rows:
         accs = [_pct(100 * row["tasks"][t]["accuracy"]) if t in row["tasks"] else "-" for t in tasks]
-        lines.append(f"| {label} | " + " | ".join(accs) + f" | {_pct(100 * row['average'])} | {_pct(row.get('retention'))} |")
+        cell = f" {_mean_k(row)} |" if mean_k else ""
+        lines.append(f"| {label} | " + " | ".join(accs) + f" | {_with_interval(row)} | {_pct(row.get('retention'))} |{cell}")
     return lines
 
 
+def _main_methods(main: dict) -> list[str]:
+    return [m for m in (*METHODS, *VARIANTS) if any(f"{m} {k}" in main for k in SETTINGS)]
+
+
 def _retention_summary(main: dict) -> list[str]:
-    """Methods by setting, retention only: the paper's headline comparison in one table."""
+    """Methods by setting, average accuracy with its interval: the headline comparison in one table."""
     lines = ["| method | " + " | ".join(SETTINGS) + " |", "|---" * (len(SETTINGS) + 1) + "|"]
-    for m in METHODS:
-        cells = [_pct(main[f"{m} {k}"].get("retention")) if f"{m} {k}" in main else "-" for k in SETTINGS]
+    for m in _main_methods(main):
+        cells = [_with_interval(main[f"{m} {k}"]) if f"{m} {k}" in main else "-" for k in SETTINGS]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def paired(row_a: dict, row_b: dict) -> dict:
+    """Exact McNemar over every item of every task (vlmprune.eval.statistics), A against B."""
+    names = [t for t in toyworld.TASKS if t in row_a["tasks"] and t in row_b["tasks"]]
+    return compare_pooled({t: row_a["tasks"][t]["correct"] for t in names},
+                          {t: row_b["tasks"][t]["correct"] for t in names}, names)
+
+
+def _paired_lines(pairs: list[tuple[str, str, dict, dict]]) -> list[str]:
+    lines = ["| setting | A | B | A % | B % | b (only A right) | c (only B right) | exact McNemar p | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for setting, (name_a, name_b), row_a, row_b in pairs:
+        c = paired(row_a, row_b)
+        lines.append(f"| {setting} | {name_a} | {name_b} | {100 * c['accuracy_a']:.1f} | {100 * c['accuracy_b']:.1f} | "
+                     f"{c['b']} | {c['c']} | {format_p(c['p'])} | {c['verdict'].split(' (')[0]} |")
+    return lines
+
+
+def _probe_lines(probe: dict) -> list[str]:
+    lines = ["| block | corr(visual, text energy) | visual share of Wanda's sum x^2 | "
+             "corr(answer, mixed pool) | corr(answer, text pool) | corr(answer, visual pool) |",
+             "|---|---|---|---|---|---|"]
+    blocks = probe["blocks"]
+    for b in [*blocks, None]:
+        row = b or {key: sum(x[key] for x in blocks) / len(blocks) for key in ("visual_text_correlation", "visual_share")}
+        if b is None:
+            row["answer_correlation"] = {k: sum(x["answer_correlation"][k] for x in blocks) / len(blocks)
+                                         for k in blocks[0]["answer_correlation"]}
+        a = row["answer_correlation"]
+        lines.append(f"| {'mean' if b is None else b['block']} | {row['visual_text_correlation']:.3f} | "
+                     f"{100 * row['visual_share']:.1f}% | {a['mixed']:.3f} | {a['text']:.3f} | {a['visual']:.3f} |")
     return lines
 
 
@@ -196,22 +277,33 @@ def markdown(data: dict) -> str:
     def part(name):
         return [(k.split("|", 1)[1], v) for k, v in rows.items() if k.startswith(name + "|")]
 
-    command = "`.venv/bin/python benchmarks/weights_results.py --model {model} --limit {limit} --nsamples {nsamples}`".format(**cfg)
+    limit = "" if cfg["limit"] is None else f" --limit {cfg['limit']}"
+    command = f"`.venv/bin/python benchmarks/weights_results.py --model {cfg['model']}{limit} --nsamples {cfg['nsamples']}`"
+    items = "the full test split (500 items per task)" if cfg["limit"] is None else f"{cfg['limit']} test items per task"
     out = ["# Weight pruning results (toy world)", "",
-           f"Model `{cfg['model']}`; {cfg['limit']} test items per task; {cfg['nsamples']} calibration samples "
-           f"(toy caption pool: image + long caption); accuracy in %, retention = mean over tasks of pruned / dense "
-           f"accuracy. Machine: {cfg['machine']}, {cfg['threads']} threads, CPU shared with other jobs.",
+           f"Model `{cfg['model']}`; {items}; {cfg['nsamples']} calibration samples "
+           f"(toy caption pool: image + long caption); accuracy in %, average [95% interval] over tasks (Wilson, "
+           f"see `vlmprune.eval.statistics`), retention = mean over tasks of pruned / dense accuracy. Per-item "
+           f"outcomes are kept in `weights.json`. Machine: {cfg['machine']}, {cfg['threads']} threads, CPU shared "
+           "with other jobs.",
            f"Every table is produced by {command} (`--part` picks tables; rows are cached in `weights.json`). "
            "Every row prunes a copy of the same dense model with the same calibration samples; a setting that "
-           "several tables share (ATV at 50%, Wanda with the mixed pool) is one run shown in each.", ""]
+           "several tables share (ATV at 50%, Wanda with the mixed pool) is one run shown in each.",
+           "Paired tests: exact two-sided McNemar on the discordant items of all tasks pooled (b: items only A "
+           "answers correctly, c: only B), verdict at p < 0.05; the same test as `vlmprune eval --compare A.json B.json`.",
+           ""]
     dense = rows.get("dense|dense")
     if dense:
         out += ["## Dense", ""] + _task_table([("dense", dense)], "model") + [""]
     main = dict(part("main"))
     if main:
-        out += ["## Retention by method and sparsity (%)", ""] + _retention_summary(main) + [""]
+        out += ["## Average accuracy by method and sparsity (% [95% interval])", ""] + _retention_summary(main) + [""]
+        pairs = [(k, claim, main[f"{claim[0]} {k}"], main[f"{claim[1]} {k}"]) for claim in CLAIMS for k in SETTINGS
+                 if f"{claim[0]} {k}" in main and f"{claim[1]} {k}" in main]
+        if pairs:
+            out += ["## Paired comparisons (all tasks pooled)", ""] + _paired_lines(pairs) + [""]
     for setting in SETTINGS:
-        chosen = [(m, main[f"{m} {setting}"]) for m in METHODS if f"{m} {setting}" in main]
+        chosen = [(m, main[f"{m} {setting}"]) for m in _main_methods(main) if f"{m} {setting}" in main]
         if chosen:
             out += [f"## {setting} {'unstructured' if '%' in setting else 'semi-structured'} sparsity", ""]
             out += _task_table(chosen, "method") + [""]
@@ -221,7 +313,27 @@ def markdown(data: dict) -> str:
               "mot": f"## MoT probe: one pathway pruned with Wanda at {cfg['mot_sparsity']:.0%}, by calibration pool"}
     for name, title in titles.items():
         if part(name):
-            out += [title, ""] + _task_table(part(name), "pathway / pool" if name == "mot" else "setting") + [""]
+            out += [title, ""] + _task_table(part(name), "pathway / pool" if name == "mot" else "setting",
+                                             mean_k=name in ("selection", "alpha")) + [""]
+        if name == "selection" and part(name):
+            chosen = dict(part(name))
+            text = rows.get("pools|text-only")
+            reference = chosen.get("drift TopK (ATV)")
+            pairs = [("50%", (label, "drift TopK (ATV)"), row, reference) for label, row in chosen.items()
+                     if reference is not None and row is not reference]
+            pairs += [("50%", (label, "Wanda text-only pool"), row, text) for label, row in chosen.items()
+                      if text is not None and label.startswith("ABS")]
+            out += ["Mean K per block: visual tokens selected per calibration sample, averaged over samples and "
+                    "blocks (0 means the pool is text-only Wanda's).", ""] + _paired_lines(pairs) + [""]
+    probe = rows.get("probe|modality gap")
+    if probe:
+        out += [f"## Modality gap: why magnitude beats Wanda (dense model; calibration samples and "
+                f"{probe['items']} test prompts)", "",
+                "Per block, averaged over its target Linears (`vlmprune.weights.modality_gap`): Spearman correlation "
+                "over input channels of the mean per-token energy x^2 of visual and of text tokens; the share of "
+                "Wanda's statistic sum_t x_tj^2 (all channels) that visual tokens supply; Spearman correlation of "
+                "each calibration pool's statistic with x_j^2 at the answer position (last prompt token) of test "
+                "prompts.", ""] + _probe_lines(probe) + [""]
     timing = part("time")
     if timing:
         wanda = dict(timing).get("wanda")
@@ -244,17 +356,19 @@ def markdown(data: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy-large")
-    parser.add_argument("--limit", type=int, default=None, help="test items per task (default 50)")
+    parser.add_argument("--limit", type=int, default=None, help="test items per task (default: the full split, 500)")
     parser.add_argument("--nsamples", type=int, default=None, help="calibration samples (default 64)")
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats per method (default 3)")
     parser.add_argument("--mot-sparsity", type=float, default=0.6)
-    parser.add_argument("--part", type=lambda s: s.split(","), default=list(PARTS))
+    parser.add_argument("--probe-items", type=int, default=50, help="test items per task the modality-gap probe reads")
+    parser.add_argument("--part", type=lambda s: s.split(","), default=list(PARTS[:7]),
+                        help=f"tables to fill, from {','.join(PARTS)} (default: all but alpha and mot)")
     parser.add_argument("--out", default=None, help=f"directory for weights.json, weights.md and the plot (default {OUT})")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: 2 items per task, 4 calibration samples, 1 timing repeat, into {QUICK_OUT}")
     args = parser.parse_args()
-    quick = {"limit": 2, "nsamples": 4, "repeats": 1, "out": QUICK_OUT}
-    full = {"limit": 50, "nsamples": 64, "repeats": 3, "out": OUT}
+    quick = {"limit": 2, "nsamples": 4, "repeats": 1, "out": QUICK_OUT, "probe_items": 2}
+    full = {"limit": None, "nsamples": 64, "repeats": 3, "out": OUT}
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
