@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt pip
 	$(BIN)/pip install -q -c constraints.txt torch
-	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,lmms,export]"
+	# lmms-eval requires torchvision, whose PyPI build needs the CUDA torch: next to the CPU torch it breaks
+	# transformers' model imports, and nothing vlmprune runs through lmms-eval uses it.
+	$(BIN)/python -c "import torch, sys; sys.exit(torch.version.cuda is None)" || $(BIN)/pip uninstall -q -y torchvision
 	touch $(STAMP)
 
 demo: setup

@@ -20,8 +20,8 @@ def test_help_imports_no_torch(argv):
                             timeout=60)
     assert result.stdout.strip().endswith("NO TORCH"), result.stdout + result.stderr
     if argv == ["--help"]:
-        for name in cli.COMMANDS:
-            assert f"    {name} " in result.stdout
+        for name in cli.COMMANDS:   # a name longer than argparse's column ends its line
+            assert f"    {name} " in result.stdout or f"    {name}\n" in result.stdout
 
 
 def test_only_the_named_command_is_imported(monkeypatch):

@@ -32,6 +32,7 @@ COMMANDS = {
     "flops": ("vlmprune.measure.command", "FLOPs by part (vision, projector, llm, extra, total), no weights needed"),
     "viz": ("vlmprune.viz.command", "kept-token overlays, survival maps, ATV drift plots"),
     "toy": ("vlmprune.toyworld.command", "the toy world"),
+    "lmms-eval": ("vlmprune.integrations.command", "lmms-eval's command line with the vlmprune model and the toy tasks"),
 }
 
 
