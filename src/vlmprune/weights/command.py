@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import VlmpruneError
+from ..integrations.export import FORMATS, check_format
 from ..outputs import check_output
 from ..preflight import check_model, check_spec
 
@@ -37,6 +38,9 @@ def register(subparsers) -> None:
                         help="dtype of the saved weights (default: the dtype --model is stored in)")
     parser.add_argument("--out", required=True,
                         help="output directory; one vlmprune wrote before is replaced once the new one is complete")
+    parser.add_argument("--format", default="save_pretrained", choices=FORMATS,
+                        help="output format (compressed-tensors: see docs/REAL_MODELS.md; token pruning is never "
+                             "part of an export)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out even if it holds files vlmprune did not write")
     parser.set_defaults(func=run)
@@ -69,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     # input errors first: they answer before the library loads, and --out before the pruning, not after it
     check_model(args.model)
     check_output(args.out, args.overwrite)
+    if args.format != "save_pretrained":
+        check_format(args.format)
     if args.recipe:
         return run_recipe(args)
     if not args.method:
