@@ -284,3 +284,115 @@ def test_the_spec_finds_the_shipped_guide_for_toy_large(spec):
 def test_a_guide_path_in_a_spec_is_a_path():
     method = vp.tokens.from_spec("pgp:keep=0.05,guide=/tmp/runs/guide-1")
     assert method.guide == "/tmp/runs/guide-1"
+
+
+# -- one vision tower for a pair whose towers hold equal weights ----------------------------------
+
+def _tower_sharing_guide(kind, family, large):
+    """A fresh guide of ``kind`` whose vision tower holds ``large``'s weights, and a counter of the
+    guide's own tower runs."""
+    from vlmprune.models import get_adapter
+
+    small, _ = build_tiny(family, seed=1, text_config={"num_hidden_layers": 2})
+    tower = get_adapter(small).vision_tower
+    tower.load_state_dict(get_adapter(large).vision_tower.state_dict())
+    runs = []
+    first = next(module for module in tower.modules() if not list(module.children()))
+    first.register_forward_hook(lambda *args: runs.append(1))
+    return _guide_for(kind, small), runs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_pair_shares_its_tower_only_when_the_weights_are_equal(pairs, family):
+    from vlmprune.models import get_adapter
+
+    small, large, _ = pairs[family]
+    assert not pair(small, large).shared_tower                  # same architecture, other weights
+    guide, _ = _tower_sharing_guide("sgp", family, large)
+    assert pair(guide, large).shared_tower
+    with torch.no_grad():
+        next(get_adapter(guide).vision_tower.parameters()).view(-1)[0] += 1e-3
+    assert not pair(guide, large).shared_tower
+
+
+def test_the_shipped_toy_pair_shares_toy_clips_tower():
+    from vlmprune import toyworld
+    assert pair(toyworld.load("toy-small")[0], toyworld.load("toy-large")[0]).shared_tower
+
+
+@pytest.mark.parametrize("kind", ["sgp", "pgp"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_shared_tower_runs_once_and_changes_no_logit(pairs, kind, family):
+    _, large, make_inputs = pairs[family]
+    inputs = make_inputs(text_lens=(3, 6), seed=5)
+    guide, runs = _tower_sharing_guide(kind, family, large)
+    outputs = {}
+    for share in (False, True):
+        method = SGP(keep=0.5, layer=1, guide=guide, share=share) if kind == "sgp" else \
+            PGP(keep=0.5, layer=0, guide=guide, share=share)
+        with vp.tokens.apply(large, method), torch.no_grad():
+            runs.clear()
+            logits = large(**inputs).logits
+            forward_runs = len(runs)
+            out = large.generate(**inputs, max_new_tokens=STEPS, do_sample=False, eos_token_id=None,
+                                 output_logits=True, return_dict_in_generate=True)
+        outputs[share] = (logits, out.sequences, torch.stack(out.logits), forward_runs, len(runs))
+    assert outputs[False][3] > 0 and outputs[True][3] == 0            # the guide's tower runs only when not shared
+    assert outputs[True][4] == 0                                      # nor in generate (prefill and decode steps)
+    for unshared, shared in zip(outputs[False][:3], outputs[True][:3]):
+        assert torch.equal(unshared, shared)
+
+
+def test_a_shared_tower_is_counted_once(pairs):
+    from vlmprune.measure.flops import count_flops
+    from vlmprune.models.presets import Preset, default_image_size
+
+    _, large, make_inputs = pairs["llava"]
+    guide, _ = _tower_sharing_guide("pgp", "llava", large)
+    preset = Preset("tiny", large.config, default_image_size(large.config))
+    totals = {}
+    for share in (False, True):
+        method = PGP(keep=0.5, guide=guide, share=share)
+        with vp.tokens.apply(large, method), torch.no_grad():
+            large(**make_inputs())                                    # pairs the real models first
+        totals[share] = count_flops(preset, 8, method).flops
+    dense = count_flops(preset, 8).flops
+    assert totals[False].total - totals[True].total == dense.vision
+
+
+def test_beta_is_zero_over_the_warmup_then_follows_the_schedule():
+    assert beta_at(0, 100, warmup=0.1) == 0.0 and beta_at(9, 100, warmup=0.1) == 0.0
+    assert beta_at(10, 100, warmup=0.1) == pytest.approx(0.5)
+    assert beta_at(20, 100, warmup=0.1) == pytest.approx(0.35)
+    assert beta_at(30, 100, warmup=0.1) == pytest.approx(0.2) and beta_at(99, 100, warmup=0.1) == pytest.approx(0.2)
+
+
+def test_a_visual_state_reads_the_prompt_and_its_own_token_only(guides, pairs):
+    """Where V' is read, changing one visual token's input leaves every other visual state as it was
+    (with the model's own causal attention the later ones change)."""
+    from vlmprune.models import get_adapter
+    from vlmprune.tokens.guidance.pgp import visual_tokens_apart
+
+    guide = guides[("pgp", "llava")]
+    inputs = pairs["llava"][2](text_lens=(3, 5), seed=7)
+    projector = get_adapter(guide.small).projector
+
+    def states(shift: float, apart: bool):
+        handle = projector.register_forward_hook(lambda m, a, out: out.index_add(
+            1, torch.tensor([1]), torch.full_like(out[:, :1], shift)))
+        try:
+            with torch.no_grad():
+                if apart:
+                    return guide.visual_states(inputs)
+                ordered = image_last(guide.small, inputs)
+                hidden = guide.small(**ordered, output_hidden_states=True).hidden_states[-1]
+                return hidden.gather(1, _visual(ordered["input_ids"], guide.small.config.image_token_id)[..., None]
+                                     .expand(-1, -1, hidden.shape[-1]))
+        finally:
+            handle.remove()
+
+    base, moved = states(0.0, True), states(1.0, True)
+    others = [i for i in range(base.shape[1]) if i != 1]
+    assert not torch.allclose(base[:, 1], moved[:, 1])
+    torch.testing.assert_close(base[:, others], moved[:, others], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(states(0.0, False)[:, 2:], states(1.0, False)[:, 2:])

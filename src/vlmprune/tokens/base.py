@@ -107,6 +107,10 @@ class TokenMethod(ABC):
     def reduce(self, ctx: SiteContext) -> Reduction:
         """Which visual tokens go on from ``ctx.site`` (and, for merging methods, their new states)."""
 
+    def prefill_starts(self, model: Any, inputs: dict[str, Any]) -> None:
+        """Optional: called as each prefill of ``model`` starts, before its vision tower runs (a guided
+        method points its guide at the tower output it will reuse)."""
+
     def scoring_token(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
         """Optional (B, D) LLM-space embedding of a scoring token (IVTP's pseudo-[CLS]).
 

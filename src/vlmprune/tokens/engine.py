@@ -253,6 +253,7 @@ class _Engine:
                 inputs = {**stage.inputs, **inputs}
             self.state = _ForwardState(inputs=inputs, vision=stage,
                                        method_state=stage.method_state if stage is not None else {})
+            self.method.prefill_starts(self.model, inputs)
             self.state.scoring_embedding = self.method.scoring_token(self.model, inputs)
         elif self.state is not None and filled:
             self.mode = "decode"
@@ -297,6 +298,8 @@ class _Engine:
         stage = _VisionStage(inputs={"pixel_values": args[0] if args else kwargs.get("pixel_values"), **kwargs},
                              method_state=self.state.method_state if in_forward else {}, pending=not in_forward)
         self.vision_stage = stage
+        if not in_forward:  # generate() encoding ahead of its prefill: the prefill starts here
+            self.method.prefill_starts(self.model, stage.inputs)
         self.records = {key: value for key, value in self.records.items() if key[0] != "vision"}
         self._encoding = True
         try:

@@ -53,7 +53,7 @@ def register(subparsers) -> None:
     parser.set_defaults(func=_run)
     pgp = toy_commands.add_parser("train-pgp", help="train PGP's guide (LoRA + bottleneck) on toy-small")
     pgp.add_argument("--out", default="toy-checkpoints/toy-small-pgp", help="directory for the guide (default: %(default)s)")
-    pgp.add_argument("--steps", type=int, default=400, help="optimizer steps (default: %(default)s)")
+    pgp.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: %(default)s)")
     pgp.add_argument("--batch", type=int, default=16, help="items per step (default: %(default)s)")
     pgp.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
     pgp.add_argument("--seed", type=int, default=0)

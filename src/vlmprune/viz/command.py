@@ -63,6 +63,21 @@ def register(subparsers) -> None:
         sub.add_argument("--out", required=True, metavar="PNG")
         sub.set_defaults(func=func)
 
+    guidance = commands.add_parser(
+        "guidance", help="PGP's importance map and kept set beside SGP's, one row per question",
+        description="PGP's importance map (KL on the patch grid) and pruning guidance (the kept set), "
+                    "with SGP's attention scores and kept set beside them, for one image and each question.")
+    guidance.add_argument("--model", required=True, help="the large model: toy-large or a save_pretrained directory")
+    guidance.add_argument("--question", required=True, action="append", help="question (repeat: one row each)")
+    guidance.add_argument("--keep", type=float, default=0.05, help="kept share (or count >= 1) (default: %(default)s)")
+    guidance.add_argument("--pgp-guide", default=None, metavar="DIR", help="PGP guide (default: the shipped one)")
+    guidance.add_argument("--sgp-guide", default=None, metavar="DIR", help="SGP's small model (default: toy-small)")
+    source = guidance.add_mutually_exclusive_group()
+    source.add_argument("--image", default=None, metavar="PATH", help="an image file")
+    source.add_argument("--seed", type=int, default=0, metavar="N", help="a toy scene drawn with this seed")
+    guidance.add_argument("--out", required=True, metavar="PNG")
+    guidance.set_defaults(func=run_guidance)
+
     drift = commands.add_parser("drift", help="ATV's visual drift per LLM block and the tokens it selects",
                                 description="Plot ATV's per-block visual drift on calibration captions.")
     drift.add_argument("--model", required=True, help="toy-large, toy-small or a save_pretrained directory")
@@ -166,6 +181,27 @@ def run_importance(args) -> int:
     _panels(panels, out)
     sites = ", ".join(f"{site.where}:{site.layer}" for site, _ in kept)
     print(f"{args.tokens}: sites survived per patch over {sites}; {about}; wrote {out}")
+    return 0
+
+
+def run_guidance(args) -> int:
+    from ..eval.loading import load_model
+    from ..models import get_adapter
+    from .guidance import guidance_figure, guidance_scores
+
+    out = _check_png(args.out)
+    keep = int(args.keep) if args.keep >= 1 else args.keep
+    if not keep > 0:
+        raise VlmpruneError(f"--keep {args.keep}: give a share in (0, 1) or a count >= 1")
+    image, about = _image(args.image, args.seed)
+    model, processor = load_model(args.model)
+    guidance = guidance_scores(model, processor, image, args.question, keep, args.pgp_guide, args.sgp_guide)
+    crop = processor.image_processor.crop_size
+    figure = guidance_figure(image, (crop["width"], crop["height"]), get_adapter(model).patch_grid({}),
+                             args.question, guidance)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.save(out)
+    print(f"PGP and SGP, {guidance.count} of {guidance.pgp.shape[1]} visual tokens kept; {about}; wrote {out}")
     return 0
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from ...errors import VlmpruneError
 from ...models import get_adapter
 from ...models.presets import default_image_size, visual_geometry
+from .reuse import same_tower
 
 # What a guide reads from the large model's inputs (the KV cache, positions and the like stay behind).
 GUIDE_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")
@@ -28,12 +29,14 @@ _TOY_FINGERPRINT = (("text_config", "num_hidden_layers"), ("text_config", "hidde
 @dataclass(frozen=True)
 class GuidePair:
     """A checked pair: ``small`` scores, ``large`` keeps; ``grid`` and ``n_visual`` (visual tokens per
-    image) are shared, at the family's default image size (Qwen's vary with the image)."""
+    image) are shared, at the family's default image size (Qwen's vary with the image);
+    ``shared_tower``: the two vision towers hold equal weights, so one run of either serves both."""
 
     small: nn.Module
     large: nn.Module
     grid: tuple[int, int]
     n_visual: int
+    shared_tower: bool
 
 
 def _geometry(model: nn.Module) -> tuple[str, tuple[int, int], int]:
@@ -57,7 +60,7 @@ def pair(small: nn.Module, large: nn.Module) -> GuidePair:
     if small_adapter.image_token_id != large_adapter.image_token_id:
         raise VlmpruneError(f"the guide's image token id {small_adapter.image_token_id} differs from the large "
                             f"model's {large_adapter.image_token_id}: the two must share a tokenizer")
-    return GuidePair(small, large, large_grid, large_n)
+    return GuidePair(small, large, large_grid, large_n, same_tower(small, large))
 
 
 def guide_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -91,6 +94,12 @@ def spec_path(value: Any) -> Any:
     return "/".join(str(part) for part in value) if isinstance(value, list) else value
 
 
+def spec_without_none(spec: str) -> str:
+    """A guided method's SPEC without its unset settings (``guide=None``: the shipped guide; SGP's
+    ``layer=None``: the default depth), which the SPEC parser could not read back."""
+    return ",".join(part for part in spec.split(",") if not part.endswith("=None"))
+
+
 def guide_location(guide: str | None, large: nn.Module, method: str, toy_default: str) -> str:
     """``guide``, or ``toy_default`` (a shipped guide) when the large model is toy-large."""
     if guide is not None:
@@ -104,6 +113,11 @@ def guide_device(large: nn.Module) -> torch.device:
     """Where the guide runs: beside the large model's vision tower (the CPU for a shape-only copy)."""
     device = next(get_adapter(large).vision_tower.parameters()).device
     return torch.device("cpu") if device.type == "meta" else device
+
+
+def is_shape_only(model: nn.Module) -> bool:
+    """Whether ``model`` has no weights (a ``meta``-device copy, as FLOP counting runs)."""
+    return next(model.parameters()).is_meta
 
 
 def shape_only_copy(model: nn.Module) -> nn.Module:

@@ -10,6 +10,14 @@ Decision (prompt before the image): the guide sees the image *after* the whole p
 visual states have read the question. Moving the image block to the end of the prompt works for any
 prompt layout without knowing the chat template; training lays out its sequences the same way
 (:func:`image_last`), and the answer follows the image.
+
+Decision (visual tokens apart): where ``V'`` is read (pass 1 and inference), a visual token attends to
+the prompt and to itself, not to the other visual tokens (:func:`visual_tokens_apart`). With the
+model's causal attention a late patch's final state pools the earlier patches, and the first trained
+guide put its information (and so its KL) in such pooling tokens: its top 5% lay on objects for 4-29%
+of the tokens, less than the objects' share of the image (20-25%), so the large model kept background
+patches. Apart, ``KL_i`` prices what patch ``i`` itself tells about the question. Pass 2 is the
+model's ordinary attention.
 """
 from __future__ import annotations
 
@@ -20,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from contextlib import contextmanager
 
 from ...errors import VlmpruneError
 from ...models import get_adapter
@@ -100,6 +110,40 @@ def image_last(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def apart_mask(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, L, L) additive mask: causal over the valid tokens, except that a visual token sees no
+    other visual token (every row sees itself, so a padding row stays finite)."""
+    length = input_ids.shape[1]
+    visual = get_adapter(model).image_token_mask(input_ids)
+    valid = torch.ones_like(visual) if attention_mask is None else attention_mask.bool()
+    causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+    itself = torch.eye(length, dtype=torch.bool, device=input_ids.device)
+    allowed = causal & valid[:, None, :] & ~(visual[:, :, None] & visual[:, None, :] & ~itself)
+    allowed = allowed | itself
+    zeros = torch.zeros(allowed.shape, dtype=dtype, device=input_ids.device)
+    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+@contextmanager
+def visual_tokens_apart(model: nn.Module, inputs: dict[str, Any]):
+    """Within the block, ``model``'s decoder layers attend with :func:`apart_mask` for ``inputs``."""
+    masks: dict[torch.dtype, torch.Tensor] = {}
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.dtype not in masks:
+            masks[hidden.dtype] = apart_mask(model, inputs["input_ids"], inputs.get("attention_mask"), hidden.dtype)
+        return args, {**kwargs, "attention_mask": masks[hidden.dtype]}
+
+    hooks = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in get_adapter(model).llm_layers]
+    try:
+        yield
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+
 class PGPGuide(nn.Module):
     """A small VLM with LoRA (through ``peft``) and the bottleneck over its final visual states."""
 
@@ -119,7 +163,8 @@ class PGPGuide(nn.Module):
         """Final hidden states (B, V, D) of the visual tokens, in image order, of one forward on the
         image-last layout of ``inputs``."""
         ordered = image_last(self.small, guide_inputs(inputs))
-        hidden = self.small(**ordered, output_hidden_states=True, use_cache=False).hidden_states[-1]
+        with visual_tokens_apart(self.small, ordered):
+            hidden = self.small(**ordered, output_hidden_states=True, use_cache=False).hidden_states[-1]
         return gather_tokens(hidden, visual_positions(self.small, ordered["input_ids"]))
 
     @torch.no_grad()

@@ -7,16 +7,28 @@ pass 1 reads the final visual states ``V'`` and their ``KL_i``; pass 2 puts samp
 cross-entropy. Loss = CE + (beta / m) * sum_i KL_i over the m visual tokens, averaged over the batch;
 beta falls linearly from ``tau_max`` to ``tau_min`` over the first ``gamma`` of the steps.
 
-Scaled to the toy world (the seed's settings are for a 2B guide and days of GPU time): batch 16 without
-gradient accumulation (the seed: 16 x 11), and learning rate 1e-3 instead of 5e-5, since the toy run has
-a few hundred steps and the bottleneck starts from scratch. LoRA rank 32 and alpha 64 and AdamW with
-weight decay 0.01 are the seed's.
+Scaled to the toy world (the seed's settings are for a 2B guide and days of GPU time). The first
+shipped guide was trained with batch 16 without gradient accumulation (the seed: 16 x 11), learning
+rate 1e-3 instead of 5e-5 (a few hundred steps, the bottleneck from scratch), 400 steps, and the seed's
+LoRA rank 32, alpha 64, AdamW with weight decay 0.01. That run collapsed: every posterior fell onto
+the prior within ~30 steps (KL ~0.2 nats per token against ~150 at the start, CE 1.6, the answer from
+the question alone), since pass 2 feeds final hidden states where input embeddings were, which the
+untrained LoRA cannot read yet (CE 2.4 with them at step 0, worse than without), so both terms push
+toward the prior and the gate saturates. With beta = 0 the same LoRA reads them within ~60 steps.
+
+Decisions, now: ``warmup`` (10% of the steps) trains at beta = 0 before the seed's schedule, which then
+runs as specified (0.5 -> 0.2 over the next ``gamma`` of the steps, then constant); the prior starts at
+the per-channel mean and standard deviation of the first batch's visual states, so the KL measures
+distance in the states' own scale. Batch 16, 2000 steps (~25 minutes on one CPU thread), learning rate
+1e-3; LoRA rank 32, alpha 64, AdamW, weight decay 0.01 as in the seed.
 """
 from __future__ import annotations
 
+import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,27 +37,35 @@ from tqdm.auto import tqdm
 from ...errors import VlmpruneError
 from ..scorers import gather_tokens
 from .pairing import load_small, visual_positions
-from .pgp import PGPGuide, PGPSettings, image_last
+from .pgp import PGPGuide, PGPSettings, image_last, visual_tokens_apart
+
+CURVE = "train_curve.json"
+LOG_EVERY = 10
 
 
 @dataclass
 class PGPTraining:
-    steps: int = 400
+    steps: int = 2000
     batch: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.01
     tau_max: float = 0.5
     tau_min: float = 0.2
     gamma: float = 0.2
+    warmup: float = 0.1
 
 
-def beta_at(step: int, total: int, tau_max: float = 0.5, tau_min: float = 0.2, gamma: float = 0.2) -> float:
-    """The KL weight at ``step`` (0-based) of ``total``: linear from tau_max to tau_min over the first
-    ``gamma * total`` steps, then tau_min."""
+def beta_at(step: int, total: int, tau_max: float = 0.5, tau_min: float = 0.2, gamma: float = 0.2,
+            warmup: float = 0.0) -> float:
+    """The KL weight at ``step`` (0-based) of ``total``: 0 over the first ``warmup * total`` steps, then
+    linear from tau_max to tau_min over the next ``gamma * total`` steps, then tau_min."""
+    start = warmup * total
+    if step < start:
+        return 0.0
     ramp = gamma * total
     if ramp <= 0:
         return tau_min
-    return tau_max - (tau_max - tau_min) * min(1.0, step / ramp)
+    return tau_max - (tau_max - tau_min) * min(1.0, (step - start) / ramp)
 
 
 def qa_batch(processor, small, rng: random.Random, size: int) -> dict[str, torch.Tensor]:
@@ -73,13 +93,27 @@ def qa_batch(processor, small, rng: random.Random, size: int) -> dict[str, torch
             "pixel_values": pixel_values([item.image for item in items])}
 
 
+def _pass_one(guide: PGPGuide, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visual positions (B, m) and final visual states (B, m, D) of the batch's image-last rows."""
+    visual = visual_positions(guide.small, batch["input_ids"])
+    with visual_tokens_apart(guide.small, batch):
+        out = guide.small(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          pixel_values=batch["pixel_values"], output_hidden_states=True, use_cache=False)
+    return visual, gather_tokens(out.hidden_states[-1], visual)
+
+
+@torch.no_grad()
+def init_prior(guide: PGPGuide, batch: dict[str, torch.Tensor]) -> None:
+    """The prior at the per-channel mean and standard deviation of ``batch``'s final visual states."""
+    states = _pass_one(guide, batch)[1].flatten(0, 1)
+    guide.bottleneck.prior_mu.copy_(states.mean(0))
+    guide.bottleneck.prior_log_sigma.copy_(states.std(0).clamp_min(1e-3).log())
+
+
 def pgp_losses(guide: PGPGuide, batch: dict[str, torch.Tensor], beta: float) -> dict[str, torch.Tensor]:
     """The two passes of one step: ``{"ce", "kl", "loss"}`` (kl: mean over tokens and batch)."""
     small = guide.small
-    visual = visual_positions(small, batch["input_ids"])
-    out = small(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"], output_hidden_states=True, use_cache=False)
-    states = gather_tokens(out.hidden_states[-1], visual)
+    visual, states = _pass_one(guide, batch)
     mu, sigma = guide.bottleneck(states)
     kl = guide.bottleneck.kl(mu, sigma)                                        # (B, m)
     sample = mu + sigma * torch.randn_like(sigma)
@@ -109,18 +143,24 @@ def train_pgp(out: str, base: str = "toy-small", training: PGPTraining | None = 
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
     rng = random.Random(f"vlmprune-pgp-train-{seed}")
+    init_prior(guide, qa_batch(processor, guide.small, rng, training.batch))
     guide.train()
     started = time.time()
+    curve = []   # (step, beta, ce, kl) every LOG_EVERY steps, saved beside the guide
     bar = tqdm(range(training.steps), desc="train-pgp", unit="step", disable=not progress)
     for step in bar:
-        beta = beta_at(step, training.steps, training.tau_max, training.tau_min, training.gamma)
+        beta = beta_at(step, training.steps, training.tau_max, training.tau_min, training.gamma, training.warmup)
         losses = pgp_losses(guide, qa_batch(processor, guide.small, rng, training.batch), beta)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
         bar.set_postfix(ce=f"{losses['ce'].item():.3f}", kl=f"{losses['kl'].item():.2f}", beta=f"{beta:.2f}")
+        if step % LOG_EVERY == 0 or step == training.steps - 1:
+            curve.append([step, beta, round(losses["ce"].item(), 4), round(losses["kl"].item(), 4)])
     guide.eval()
     guide.save(out)
+    (Path(out) / CURVE).write_text(json.dumps({"training": asdict(training), "seed": seed,
+                                               "columns": ["step", "beta", "ce", "kl"], "rows": curve}) + "\n")
     if progress:
         print(f"train-pgp: {training.steps} steps in {(time.time() - started) / 60:.1f} min -> {out}", flush=True)
     return guide
