@@ -81,12 +81,13 @@ def correction_specs(keep: int, chosen: dict) -> dict[str, dict[str, str]]:
     as many tokens into the LLM as IVTP does (its ViT schedule is then IVTP's: the 2n rule's 2n); and
     IVTP-V ending at IVTP's final count."""
     tables = {}
-    for name, settings in (("paper defaults", []), ("chosen defaults", chosen["ivtp"])):
+    schedule = [s for s in chosen["ivtp"] if not s.startswith(("pcls", "assistant"))]   # the query is what varies
+    for name, settings in (("paper defaults", []), ("chosen schedule", schedule)):
         base = _spec("ivtp", keep, settings)
-        vision = [s for s in settings if not s.startswith(("llm_layers", "pcls", "assistant"))]
+        into = into_llm(base)             # IVTP-V's ViT removes the same number per step: its schedule ends there
         tables[name] = {"IVTP": base, "same schedule, visual [CLS] as query": f"{base},pcls=visual",
-                        "IVTP-V, as many tokens into the LLM": _spec("ivtp", 2 * keep, vision + ["llm=false"]),
-                        "IVTP-V, IVTP's final count": _spec("ivtp", keep, vision + ["llm=false"])}
+                        "IVTP-V, as many tokens into the LLM": f"ivtp:keep={into},llm=false",
+                        "IVTP-V, IVTP's final count": f"ivtp:keep={keep},llm=false"}
     return tables
 
 
