@@ -420,6 +420,16 @@ def report(results: dict) -> str:
             else:
                 cells.append("-")
         lines.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
+    if results.get("matched") and CLAIM in grid.get("ivtp_plus", {}):
+        plus = grid["ivtp_plus"][CLAIM]
+        lines += ["", "## IVTP+ at 11% against rivals at matched counted FLOPs", "",
+                  "| rival | retention % | GFLOPs | IVTP+ vs rival (b/c, p) |", "|---|---|---|---|"]
+        for spec in results["matched"].values():
+            run = _run(results, spec)
+            if run:
+                t = paired(plus, run)
+                lines.append(f"| `{spec}` | {run['retention']:.2f} | {run['flops']['total'] / 1e9:.3f} | "
+                             f"{t['b']}/{t['c']}, p={statistics.format_p(t['p'])} |")
     at = {n: runs[CLAIM] for n, runs in grid.items() if CLAIM in runs}
     lines += ["", "## Per task at 11% (accuracy %, test split)", "",
               "| method | " + " | ".join(tasks) + " | retention % | GFLOPs |", "|---|" + "---|" * (len(tasks) + 2)]
