@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from vlmprune import toyworld, weights
+from vlmprune.toyworld.tasks import validation_split
 from vlmprune.eval.harness import evaluate
 from vlmprune.eval.statistics import compare_pooled, format_p
 
@@ -43,7 +44,7 @@ VARIANTS = {"sparsegpt pool=atv": ("sparsegpt:pool=atv", tuple(SETTINGS)),
             "wanda pool=text": ("wanda:pool=text", tuple(SETTINGS)),
             "tamp das=1": ("tamp:das=1", ("50%", "60%"))}
 # Paired comparisons (A, B) in every setting, pooled over tasks: the claims the tables make.
-CLAIMS = (("atv", "wanda"), ("atv", "tamp"), ("atv", "sparsegpt"), ("magnitude", "wanda"),
+CLAIMS = (("atv", "wanda"), ("atv", "wanda pool=text"), ("atv", "tamp"), ("atv", "sparsegpt"), ("magnitude", "wanda"),
           ("sparsegpt pool=atv", "sparsegpt"), ("wanda pool=text", "wanda"), ("wanda pool=text", "magnitude"),
           ("tamp das=1", "tamp"))
 # In vlmprune.weights.pools "all" and "mixed" are one pool (every token of the image-text samples).
@@ -57,8 +58,24 @@ SELECTION = {"drift TopK (ATV)": "atv:sparsity=0.5", "ABS (attention, relative s
              "fixed budget (16 per sample)": "atv:sparsity=0.5,budget=16"}
 ALPHAS = (0, 0.5, 1, 2, 4, 8)
 MOT_PATHWAYS, MOT_POOLS = ("text", "visual"), ("text", "visual", "mixed")
-PARTS = ("main50", "main60", "selection", "pools", "probe", "time", "drift", "alpha", "mot")
+PARTS = ("main50", "main60", "selection", "pools", "probe", "qa", "time", "drift", "alpha", "mot")
 SAME_RUN = ("model", "limit", "nsamples", "mot_sparsity")        # rows cached under other values are not reused
+
+
+def qa_calibration(processor, n: int) -> list:
+    """``n`` question-answer samples (batch 1) from the validation split, tasks in turn: an image, a
+    question and its answer, the form of the test prompts (the validation split shares no scene
+    with the test split). Calibration whose text is where answers are produced, against the
+    modality gap of the caption pool."""
+    per_task = {task: validation_split(task, -(-n // len(toyworld.TASKS))) for task in toyworld.TASKS}
+    items = [per_task[task][i] for i in range(-(-n // len(toyworld.TASKS))) for task in toyworld.TASKS][:n]
+    samples = []
+    for item in items:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": item.answer}]}]
+        samples.append(processor(images=[item.image], text=[processor.apply_chat_template(messages)],
+                                 return_tensors="pt"))
+    return samples
 
 
 class Results:
@@ -73,9 +90,13 @@ class Results:
     def get(self, part: str, label: str):
         return self.data["rows"].get(f"{part}|{label}")
 
-    def with_spec(self, spec: str):
-        """An evaluated row of any table pruned with ``spec``, to share instead of recomputing."""
-        return next((row for row in self.data["rows"].values() if row.get("spec") == spec and "tasks" in row), None)
+    def with_spec(self, spec: str, calibration: str = "captions"):
+        """An evaluated row of any table pruned with ``spec`` (the same method and settings, whatever
+        the order of its keys) on the same calibration set, to share instead of recomputing."""
+        wanted = weights.from_spec(spec).describe()
+        return next((row for row in self.data["rows"].values() if "tasks" in row
+                     and row.get("calibration", "captions") == calibration and row.get("spec", "").split(":")[0]
+                     in weights.REGISTRY and weights.from_spec(row["spec"]).describe() == wanted), None)
 
     def put(self, part: str, label: str, row: dict) -> None:
         self.data["rows"][f"{part}|{label}"] = row
@@ -90,6 +111,7 @@ class Bench:
         self.model, self.processor = toyworld.load(args.model)
         self.calibration = toyworld.calibration(self.processor, n=args.nsamples)
         self.captured = weights.capture(self.model, self.calibration)
+        self._qa = None
         dense = results.get("dense", "dense")
         if dense is None:
             dense = self.evaluated(self.model)
@@ -103,28 +125,39 @@ class Bench:
         return {"tasks": result["tasks"], "average": result["average"],
                 "average_interval": result["average_interval"], "retention": result["retention"]}
 
-    def pruned(self, spec: str) -> dict:
-        """Prune a copy of the dense model with ``spec`` and evaluate it (once per SPEC)."""
-        shared = self.results.with_spec(spec)
+    def qa(self) -> tuple[list, object]:
+        """The question-answer calibration set and its block-0 capture, built on first use."""
+        if self._qa is None:
+            samples = qa_calibration(self.processor, self.args.nsamples)
+            self._qa = samples, weights.capture(self.model, samples)
+        return self._qa
+
+    def pruned(self, spec: str, calibration: str = "captions") -> dict:
+        """Prune a copy of the dense model with ``spec`` and evaluate it (once per SPEC and calibration
+        set: ``captions``, the toy caption pool, or ``qa``, see :func:`qa_calibration`)."""
+        shared = self.results.with_spec(spec, calibration)
         if shared is not None:
             return shared
+        samples, captured = (self.calibration, self.captured) if calibration == "captions" else self.qa()
         model = copy.deepcopy(self.model)
         method = weights.from_spec(spec)
-        report = weights.prune(model, method, calibration=self.calibration, captured=self.captured)
-        row = {"spec": spec, "prune_seconds": report.total_seconds, "sparsity": report.sparsity}
+        report = weights.prune(model, method, calibration=samples, captured=captured)
+        row = {"spec": spec, "calibration": calibration, "prune_seconds": report.total_seconds,
+               "sparsity": report.sparsity}
         history = getattr(method, "history", None)
         if history:     # ATV variants: visual tokens selected per sample, per block
             row["visual_tokens"] = [h["visual_tokens"] for h in history]
         return {**row, **self.evaluated(model, self.dense_tasks)}
 
-    def probe(self) -> dict:
+    def probe(self, calibration: str = "captions") -> dict:
         """The modality gap behind magnitude beating Wanda (see vlmprune.weights.modality_gap)."""
         from vlmprune.weights.modality_gap import modality_gap
 
         items = [item for task in toyworld.TASKS for item in toyworld.test_split(task, self.args.probe_items)]
         prompts = [self.processor(images=[item.image], text=[toyworld.build_prompt(self.processor, item.question)],
                                   return_tensors="pt") for item in items]
-        return {"items": len(items), "blocks": modality_gap(self.model, self.calibration, prompts)}
+        samples = self.calibration if calibration == "captions" else self.qa()[0]
+        return {"items": len(items), "calibration": calibration, "blocks": modality_gap(self.model, samples, prompts)}
 
     def mot(self, pathway: str, pool: str) -> dict:
         from vlmprune.weights.mot import to_mot
@@ -158,7 +191,10 @@ def jobs_of(part: str, bench: Bench) -> tuple[str, dict]:
                       for k in keys if k in settings})
         return "main", {label: (lambda s=s: bench.pruned(s)) for label, s in specs.items()}
     if part == "probe":
-        return "probe", {"modality gap": bench.probe}
+        return "probe", {"modality gap": bench.probe, "modality gap, qa calibration": lambda: bench.probe("qa")}
+    if part == "qa":
+        return "qa", {f"wanda pool={pool} {k}": (lambda s=f"wanda:pool={pool},{SETTINGS[k]}": bench.pruned(s, "qa"))
+                      for pool in ("text", "mixed") for k in SETTINGS}
     if part == "pools":
         return "pools", {k: (lambda s=s: bench.pruned(s)) for k, s in POOLS.items()}
     if part == "selection":
@@ -290,7 +326,9 @@ def markdown(data: dict) -> str:
            "Every row prunes a copy of the same dense model with the same calibration samples; a setting that "
            "several tables share (ATV at 50%, Wanda with the mixed pool) is one run shown in each.",
            "Paired tests: exact two-sided McNemar on the discordant items of all tasks pooled (b: items only A "
-           "answers correctly, c: only B), verdict at p < 0.05; the same test as `vlmprune eval --compare A.json B.json`.",
+           "answers correctly, c: only B), verdict at p < 0.05; the same test as `vlmprune eval --compare A.json B.json`. "
+           "The p-values are not corrected for the number of comparisons in these tables; with a Bonferroni "
+           "correction over them a p-value must be below 0.05 / (number of rows in the paired tables).",
            ""]
     dense = rows.get("dense|dense")
     if dense:
@@ -361,7 +399,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats per method (default 3)")
     parser.add_argument("--mot-sparsity", type=float, default=0.6)
     parser.add_argument("--probe-items", type=int, default=50, help="test items per task the modality-gap probe reads")
-    parser.add_argument("--part", type=lambda s: s.split(","), default=list(PARTS[:7]),
+    parser.add_argument("--part", type=lambda s: s.split(","), default=list(PARTS[:8]),
                         help=f"tables to fill, from {','.join(PARTS)} (default: all but alpha and mot)")
     parser.add_argument("--out", default=None, help=f"directory for weights.json, weights.md and the plot (default {OUT})")
     parser.add_argument("--quick", action="store_true",
