@@ -363,15 +363,29 @@ def markdown(data: dict) -> str:
                       if text is not None and label.startswith("ABS")]
             out += ["Mean K per block: visual tokens selected per calibration sample, averaged over samples and "
                     "blocks (0 means the pool is text-only Wanda's).", ""] + _paired_lines(pairs) + [""]
-    probe = rows.get("probe|modality gap")
-    if probe:
-        out += [f"## Modality gap: why magnitude beats Wanda (dense model; calibration samples and "
+    for label, probe in part("probe"):
+        source = ("the question-answer calibration (`qa_calibration`)" if probe.get("calibration") == "qa"
+                  else "the caption calibration")
+        out += [f"## Modality gap: why magnitude beats Wanda (dense model; {source} and "
                 f"{probe['items']} test prompts)", "",
                 "Per block, averaged over its target Linears (`vlmprune.weights.modality_gap`): Spearman correlation "
                 "over input channels of the mean per-token energy x^2 of visual and of text tokens; the share of "
                 "Wanda's statistic sum_t x_tj^2 (all channels) that visual tokens supply; Spearman correlation of "
                 "each calibration pool's statistic with x_j^2 at the answer position (last prompt token) of test "
                 "prompts.", ""] + _probe_lines(probe) + [""]
+    qa = dict(part("qa"))
+    if qa:
+        out += ["## Remedy: Wanda calibrated on question-answer samples (validation split; same count)", "",
+                "| calibration / pool | " + " | ".join(SETTINGS) + " |", "|---" * (len(SETTINGS) + 1) + "|"]
+        for pool in ("text", "mixed"):
+            cells = [_with_interval(qa[f"wanda pool={pool} {k}"]) if f"wanda pool={pool} {k}" in qa else "-"
+                     for k in SETTINGS]
+            out.append(f"| question-answer / {pool} | " + " | ".join(cells) + " |")
+        out.append("")
+        pairs = [(k, (f"wanda qa pool={pool}", other), qa[f"wanda pool={pool} {k}"], main[f"{other} {k}"])
+                 for pool in ("text", "mixed") for other in ("wanda", "magnitude", "wanda pool=text") for k in SETTINGS
+                 if f"wanda pool={pool} {k}" in qa and f"{other} {k}" in main]
+        out += _paired_lines(pairs) + [""]
     timing = part("time")
     if timing:
         wanda = dict(timing).get("wanda")
