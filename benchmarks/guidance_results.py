@@ -35,17 +35,20 @@ COST_SPECS = ("pgp:keep=0.05", "pgp:keep=0.05,share=false", "sgp:keep=0.05,layer
 
 
 def method_specs(keep: float) -> dict[str, str]:
-    """Every compared method at the same final share ``keep`` of the visual tokens."""
-    return {"pgp": f"pgp:keep={keep}", "sgp": f"sgp:keep={keep}", "sgp-layer0": f"sgp:keep={keep},layer=0",
+    """Every compared method at the same final share ``keep`` of the visual tokens (SGP also at layer
+    0 at the smallest budget, where the papers prune that early)."""
+    layer0 = {"sgp-layer0": f"sgp:keep={keep},layer=0"} if keep == BUDGETS[0] else {}
+    return {"pgp": f"pgp:keep={keep}", "sgp": f"sgp:keep={keep}", **layer0,
             "ivtp": f"ivtp:keep={keep}", "divprune": f"divprune:keep={keep}", "fastv": f"fastv:layer=2,keep={keep}",
             "topk": f"topk:keep={keep}"}
 
 
 def guide_digest() -> str:
-    """The shipped PGP guide's weights digest: PGP rows of another guide are rerun."""
-    from vlmprune.tokens.guidance.pgp import WEIGHTS
+    """The shipped PGP guide's digest (weights and settings): PGP rows of another guide are rerun."""
+    from vlmprune.tokens.guidance.pgp import SETTINGS, WEIGHTS
     from vlmprune.tokens.methods.pgp import SHIPPED_GUIDE
-    return hashlib.sha256((toyworld.CHECKPOINTS / SHIPPED_GUIDE / WEIGHTS).read_bytes()).hexdigest()[:16]
+    directory = toyworld.CHECKPOINTS / SHIPPED_GUIDE
+    return hashlib.sha256((directory / WEIGHTS).read_bytes() + (directory / SETTINGS).read_bytes()).hexdigest()[:16]
 
 
 class Journal:
@@ -75,11 +78,22 @@ class Journal:
 
 def retention_rows(journal: Journal, model, processor, limit: int | None, digest: str) -> None:
     dense = journal.row("dense", {"limit": limit}, lambda: evaluate(model, processor, limit=limit, progress=False))
-    for keep in BUDGETS:
-        for name, spec in method_specs(keep).items():
-            settings = {"limit": limit, "spec": spec, **({"guide": digest} if name == "pgp" else {})}
-            journal.row(f"{name}@{keep}", settings, lambda spec=spec: evaluate(
-                model, processor, tokens=spec, limit=limit, reference=dense["tasks"], progress=False))
+    # PGP last: its rows are the ones a new guide reruns
+    jobs = [(keep, name, spec) for keep in BUDGETS for name, spec in method_specs(keep).items()]
+    for keep, name, spec in sorted(jobs, key=lambda job: job[1] == "pgp"):
+        settings = {"limit": limit, "spec": spec, **({"guide": digest} if name == "pgp" else {})}
+        journal.row(f"{name}@{keep}", settings, lambda spec=spec: evaluate(
+            model, processor, tokens=spec, limit=limit, reference=dense["tasks"], progress=False))
+
+
+def alternative_guide_row(journal: Journal, model, processor, limit: int | None, directory: Path) -> None:
+    """PGP at 5% with another guide (e.g. ``vlmprune toy train-pgp --recipe uncollapsed``), keyed by its digest."""
+    from vlmprune.tokens.guidance.pgp import SETTINGS, WEIGHTS
+    digest = hashlib.sha256((directory / WEIGHTS).read_bytes() + (directory / SETTINGS).read_bytes()).hexdigest()[:16]
+    dense = journal.data["rows"]["dense"]["result"]
+    spec = f"pgp:keep={BUDGETS[0]},guide={directory}"
+    journal.row(f"pgp-alternative@{BUDGETS[0]}", {"limit": limit, "guide": digest}, lambda: evaluate(
+        model, processor, tokens=spec, limit=limit, reference=dense["tasks"], progress=False))
 
 
 def cost_rows(journal: Journal, model, processor, rounds: int, digest: str) -> None:
@@ -136,6 +150,51 @@ def see_rows(journal: Journal, model, processor, limit: int | None) -> None:
     journal.row("see", {"limit": limit}, work)
 
 
+def map_rows(journal: Journal, model, processor, items_per_task: int, digest: str) -> None:
+    """Where each guide's top 5% lie (the share on object patches; a patch belongs to an object when
+    at least 6 of its 64 pixels do) and how wide its map is (effective number of tokens, 1 / sum p^2
+    of the scores normalised to sum 1), against the objects' share of the image."""
+    import numpy as np
+
+    from vlmprune.tokens.guidance.sgp import guide_answer
+    from vlmprune.tokens.methods.pgp import PGP
+    from vlmprune.tokens.methods.sgp import SGP
+    from vlmprune.toyworld.scenes import PATCH_SIZE, render
+
+    def work() -> dict:
+        guide = PGP(keep=0.05).guide_model(model)
+        small = SGP(keep=0.05).small_model(model)
+        out = {}
+        for task in toyworld.TASKS:
+            items = toyworld.test_split(task, items_per_task)
+            by_guide = {"pgp": [], "sgp": []}
+            objects = []
+            for start in range(0, len(items), 25):
+                batch = items[start:start + 25]
+                inputs = model_inputs(processor, [i.image for i in batch], [i.question for i in batch],
+                                      model.device, model.dtype)
+                with torch.no_grad():
+                    scores = {"pgp": guide.importance(inputs), "sgp": guide_answer(small, inputs).scores}
+                for row, item in enumerate(batch):
+                    index = render(item.scene)[1]
+                    grid = index.shape[0] // PATCH_SIZE
+                    cells = (index.reshape(grid, PATCH_SIZE, grid, PATCH_SIZE).transpose(0, 2, 1, 3)
+                             .reshape(grid * grid, -1) > 0).sum(1) >= 6
+                    objects.append(cells.mean())
+                    for name in by_guide:
+                        values = scores[name][row].float().clamp_min(0)
+                        top = values.topk(5).indices.numpy()
+                        p = (values / values.sum()).numpy()
+                        by_guide[name].append((float(cells[top].mean()), float(1 / (p ** 2).sum())))
+            out[task] = {"object_share": float(np.mean(objects)),
+                         **{name: {"top_on_objects": float(np.mean([v[0] for v in values])),
+                                   "effective_tokens": float(np.mean([v[1] for v in values]))}
+                            for name, values in by_guide.items()}}
+        return out
+
+    journal.row("maps", {"items_per_task": items_per_task, "guide": digest}, work)
+
+
 def small_flops(text_tokens: int) -> dict:
     """Counted FLOPs of toy-small's prefill, dense and at 5% of its visual tokens (SEE's re-read)."""
     from vlmprune.measure.flops import count_flops
@@ -176,7 +235,7 @@ def report(data: dict) -> str:
              "| method | " + " | ".join(f"{int(100 * k)}% kept: retention (95% interval of the average), GFLOPs"
                                       for k in BUDGETS) + " |",
              "|---|" + "---|" * len(BUDGETS)]
-    for name in method_specs(0.1):
+    for name in method_specs(BUDGETS[0]):
         cells = []
         for keep in BUDGETS:
             run = _row(rows, f"{name}@{keep}")
@@ -198,6 +257,14 @@ def report(data: dict) -> str:
         verdict = test["verdict"].replace("A better", "PGP better").replace("B better", "SGP better")
         lines.append(f"| {int(100 * keep)}% | {_pct(a['average'])} | {_pct(b['average'])} | {test['b']} | "
                      f"{test['c']} | {format_p(test['p'])} | {verdict} |")
+    alternative, shipped = _row(rows, f"pgp-alternative@{BUDGETS[0]}"), _row(rows, f"pgp@{BUDGETS[0]}")
+    if alternative is not None and shipped is not None:
+        test = compare_pooled({t: v["correct"] for t, v in alternative["tasks"].items()},
+                              {t: v["correct"] for t, v in shipped["tasks"].items()}, list(shipped["tasks"]))
+        verdict = test["verdict"].replace("A better", "alternative better").replace("B better", "shipped better")
+        lines += ["", f"PGP at 5% with the guide `{alternative['tokens'].split('guide=')[1].split(',')[0]}`: retention "
+                  f"{alternative['retention']:.1f} against the shipped guide's {shipped['retention']:.1f}; only the "
+                  f"alternative right on {test['b']} items, only the shipped on {test['c']}: {verdict}."]
     prefill = _row(rows, "prefill")
     if prefill is not None:
         lines += ["", "## Cost of small + large against dense toy-large", "",
@@ -209,6 +276,19 @@ def report(data: dict) -> str:
         for key, value in prefill.items():
             lines.append(f"| {key} | {value['median_ms']:.1f} | {value['median_ms'] / prefill['dense']['median_ms']:.2f}"
                          f" | {value['flops'] / 1e9:.3f} | {value['flops'] / prefill['dense']['flops']:.2f} |")
+    maps = _row(rows, "maps")
+    if maps is not None:
+        lines += ["", "## Where the guides' top 5% lie", "",
+                  f"First {rows['maps']['settings']['items_per_task']} test items per task, one image per "
+                  "forward. On objects: share of the top-5 patches on an object (a patch is an object's when at "
+                  "least 6 of its 64 pixels are); objects cover the share given in the second column. Width: "
+                  "effective number of tokens of the map (1 / sum p^2, scores normalised to sum 1; 100 = flat).", "",
+                  "| task | objects' share of the image % | PGP top-5 on objects % | SGP top-5 on objects % "
+                  "| PGP width | SGP width |", "|---|---|---|---|---|---|"]
+        for task, value in maps.items():
+            lines.append(f"| {task} | {_pct(value['object_share'])} | {_pct(value['pgp']['top_on_objects'])} | "
+                         f"{_pct(value['sgp']['top_on_objects'])} | {value['pgp']['effective_tokens']:.1f} | "
+                         f"{value['sgp']['effective_tokens']:.1f} |")
     see = _row(rows, "see")
     if see is not None:
         lines += see_report(see, dense, data.get("small_flops"))
@@ -248,7 +328,10 @@ def see_report(see: dict, dense: dict, flops: dict | None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None, help="test items per task (default: all 500)")
-    parser.add_argument("--part", choices=("all", "retention", "cost", "see"), default="all")
+    parser.add_argument("--part", choices=("all", "retention", "cost", "maps", "see"), default="all")
+    parser.add_argument("--alternative-guide", type=Path, default=None, metavar="DIR",
+                        help="also PGP at 5%% with this guide, against the shipped one")
+    parser.add_argument("--map-items", type=int, default=100, help="test items per task for the map statistics")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--threads", type=int, default=1)
@@ -266,8 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         digest = guide_digest()
         if args.part in ("all", "retention", "cost"):
             retention_rows(journal, model, processor, args.limit, digest)
+        if args.alternative_guide is not None:
+            alternative_guide_row(journal, model, processor, args.limit, args.alternative_guide)
         if args.part in ("all", "cost"):
             cost_rows(journal, model, processor, args.rounds, digest)
+        if args.part in ("all", "maps"):
+            map_rows(journal, model, processor, args.map_items, digest)
         if args.part in ("all", "see"):
             see_rows(journal, model, processor, args.limit)
             question = toyworld.test_split("attribute", 1)[0].question

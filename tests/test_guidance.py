@@ -122,7 +122,7 @@ def _guide_for(kind, small):
     if kind == "sgp":
         return small
     torch.manual_seed(0)
-    return PGPGuide(small, PGPSettings(base="tiny", rank=4, alpha=8)).eval()
+    return PGPGuide(small, PGPSettings(base="tiny", rank=4, alpha=8, apart=True)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -396,3 +396,18 @@ def test_a_visual_state_reads_the_prompt_and_its_own_token_only(guides, pairs):
     assert not torch.allclose(base[:, 1], moved[:, 1])
     torch.testing.assert_close(base[:, others], moved[:, others], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(states(0.0, False)[:, 2:], states(1.0, False)[:, 2:])
+
+
+def test_a_two_step_training_saves_a_guide_that_loads_with_its_settings_and_curve(tmp_path):
+    import json
+    from dataclasses import replace
+
+    from vlmprune.tokens.guidance.pgp import load_guide
+    from vlmprune.tokens.guidance.train_pgp import CURVE, RECIPES, train_pgp
+
+    trained = train_pgp(str(tmp_path), training=replace(RECIPES["uncollapsed"], steps=2, batch=2), progress=False)
+    loaded = load_guide(tmp_path)
+    assert loaded.settings.apart and json.loads((tmp_path / CURVE).read_text())["rows"][-1][0] == 1
+    for (name, a), (_, b) in zip(trained.small.named_parameters(), loaded.small.named_parameters()):
+        torch.testing.assert_close(a.detach().half().float(), b, msg=name)
+    assert any("lora_B" in name and p.abs().sum() > 0 for name, p in loaded.small.named_parameters())

@@ -31,11 +31,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_pgp(args: argparse.Namespace) -> int:
-    from ..tokens.guidance.train_pgp import PGPTraining, train_pgp
+    from dataclasses import replace
+
+    from ..tokens.guidance.train_pgp import RECIPES, train_pgp
     if args.threads < 1:
         raise VlmpruneError(f"--threads must be at least 1, got {args.threads}")
-    train_pgp(args.out, training=PGPTraining(steps=args.steps, batch=args.batch, lr=args.lr), seed=args.seed,
-              threads=args.threads)
+    given = {key: value for key, value in (("steps", args.steps), ("batch", args.batch), ("lr", args.lr))
+             if value is not None}
+    train_pgp(args.out, training=replace(RECIPES[args.recipe], **given), seed=args.seed, threads=args.threads)
     return 0
 
 
@@ -53,9 +56,12 @@ def register(subparsers) -> None:
     parser.set_defaults(func=_run)
     pgp = toy_commands.add_parser("train-pgp", help="train PGP's guide (LoRA + bottleneck) on toy-small")
     pgp.add_argument("--out", default="toy-checkpoints/toy-small-pgp", help="directory for the guide (default: %(default)s)")
-    pgp.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: %(default)s)")
-    pgp.add_argument("--batch", type=int, default=16, help="items per step (default: %(default)s)")
-    pgp.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
+    pgp.add_argument("--recipe", choices=("shipped", "uncollapsed"), default="shipped",
+                     help="shipped: the shipped guide's 400 steps; uncollapsed: 2000 steps with a beta=0 "
+                          "warm-up, a data-initialised prior and the visual tokens apart (default: %(default)s)")
+    pgp.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    pgp.add_argument("--batch", type=int, default=None, help="items per step (default: the recipe's, 16)")
+    pgp.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the recipe's, 1e-3)")
     pgp.add_argument("--seed", type=int, default=0)
     pgp.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     pgp.set_defaults(func=_run_pgp)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from ...errors import VlmpruneError
 from ...models import get_adapter
@@ -73,12 +73,15 @@ class InformationBottleneck(nn.Module):
 
 @dataclass
 class PGPSettings:
-    """What rebuilds a trained guide: its base small model and the adapter and module shapes."""
+    """What rebuilds a trained guide: its base small model, the adapter and module shapes, and
+    ``apart``: whether its visual states were trained (and so are read) with the visual tokens apart
+    (:func:`visual_tokens_apart`; a guide saved before that setting existed was not)."""
 
     base: str = "toy-small"
     rank: int = 32
     alpha: int = 64
     hidden: int | None = None
+    apart: bool = False
 
 
 def lora_config(settings: PGPSettings):
@@ -163,7 +166,7 @@ class PGPGuide(nn.Module):
         """Final hidden states (B, V, D) of the visual tokens, in image order, of one forward on the
         image-last layout of ``inputs``."""
         ordered = image_last(self.small, guide_inputs(inputs))
-        with visual_tokens_apart(self.small, ordered):
+        with visual_tokens_apart(self.small, ordered) if self.settings.apart else nullcontext():
             hidden = self.small(**ordered, output_hidden_states=True, use_cache=False).hidden_states[-1]
         return gather_tokens(hidden, visual_positions(self.small, ordered["input_ids"]))
 

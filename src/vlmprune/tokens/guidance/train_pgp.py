@@ -7,26 +7,30 @@ pass 1 reads the final visual states ``V'`` and their ``KL_i``; pass 2 puts samp
 cross-entropy. Loss = CE + (beta / m) * sum_i KL_i over the m visual tokens, averaged over the batch;
 beta falls linearly from ``tau_max`` to ``tau_min`` over the first ``gamma`` of the steps.
 
-Scaled to the toy world (the seed's settings are for a 2B guide and days of GPU time). The first
-shipped guide was trained with batch 16 without gradient accumulation (the seed: 16 x 11), learning
-rate 1e-3 instead of 5e-5 (a few hundred steps, the bottleneck from scratch), 400 steps, and the seed's
-LoRA rank 32, alpha 64, AdamW with weight decay 0.01. That run collapsed: every posterior fell onto
-the prior within ~30 steps (KL ~0.2 nats per token against ~150 at the start, CE 1.6, the answer from
-the question alone), since pass 2 feeds final hidden states where input embeddings were, which the
-untrained LoRA cannot read yet (CE 2.4 with them at step 0, worse than without), so both terms push
-toward the prior and the gate saturates. With beta = 0 the same LoRA reads them within ~60 steps.
+Scaled to the toy world (the seed's settings are for a 2B guide and days of GPU time): batch 16
+without gradient accumulation (the seed: 16 x 11), learning rate 1e-3 instead of 5e-5 (a few hundred
+steps, the bottleneck from scratch); LoRA rank 32, alpha 64, AdamW with weight decay 0.01 as in the
+seed. Two recipes (:data:`RECIPES`):
 
-Decisions, now: ``warmup`` (10% of the steps) trains at beta = 0 before the seed's schedule, which then
-runs as specified (0.5 -> 0.2 over the next ``gamma`` of the steps, then constant); the prior starts at
-the per-channel mean and standard deviation of the first batch's visual states, so the KL measures
-distance in the states' own scale. Batch 16, 2000 steps (~25 minutes on one CPU thread), learning rate
-1e-3; LoRA rank 32, alpha 64, AdamW, weight decay 0.01 as in the seed.
+* ``shipped`` (the default; the guide in ``toyworld/checkpoints/toy-small-pgp``): 400 steps, the
+  schedule exactly as specified from step 0. Its posteriors collapse onto the prior within ~30 steps
+  (KL ~0.2 nats per token against ~150 at the start; CE ~1.6, near the answer from the question
+  alone): pass 2 feeds final hidden states where input embeddings were, which the untrained LoRA
+  cannot read yet (CE 2.4 with them at step 0), so both terms push toward the prior. What is left
+  is a faint, nearly flat KL map (effective ~95 of 100 tokens).
+* ``uncollapsed``: 2000 steps (23 minutes on one shared CPU thread); ``warmup`` = 10% of the steps at
+  beta = 0 (with it the LoRA reads the sampled states within ~60 steps), then the specified schedule
+  (0.5 -> 0.2 over the next ``gamma``, then constant); the prior starts at the per-channel mean and
+  standard deviation of a first batch's visual states; the visual tokens apart where ``V'`` is read
+  (``PGPSettings.apart``). CE ends near 0.6-0.7 with a sparse KL map, but its top tokens lie on
+  objects no more often than chance, and the large model keeps worse tokens by it (docs/RESULTS.md).
 """
 from __future__ import annotations
 
 import json
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,14 +49,20 @@ LOG_EVERY = 10
 
 @dataclass
 class PGPTraining:
-    steps: int = 2000
+    steps: int = 400
     batch: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.01
     tau_max: float = 0.5
     tau_min: float = 0.2
     gamma: float = 0.2
-    warmup: float = 0.1
+    warmup: float = 0.0
+    init_prior: bool = False
+    apart: bool = False
+
+
+RECIPES = {"shipped": PGPTraining(),
+           "uncollapsed": PGPTraining(steps=2000, warmup=0.1, init_prior=True, apart=True)}
 
 
 def beta_at(step: int, total: int, tau_max: float = 0.5, tau_min: float = 0.2, gamma: float = 0.2,
@@ -96,7 +106,7 @@ def qa_batch(processor, small, rng: random.Random, size: int) -> dict[str, torch
 def _pass_one(guide: PGPGuide, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Visual positions (B, m) and final visual states (B, m, D) of the batch's image-last rows."""
     visual = visual_positions(guide.small, batch["input_ids"])
-    with visual_tokens_apart(guide.small, batch):
+    with visual_tokens_apart(guide.small, batch) if guide.settings.apart else nullcontext():
         out = guide.small(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           pixel_values=batch["pixel_values"], output_hidden_states=True, use_cache=False)
     return visual, gather_tokens(out.hidden_states[-1], visual)
@@ -136,14 +146,15 @@ def train_pgp(out: str, base: str = "toy-small", training: PGPTraining | None = 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     _, processor = load(base)  # the toy processor: training items come from the toy world
-    guide = PGPGuide(load_small(base), settings or PGPSettings(base=base))
+    guide = PGPGuide(load_small(base), settings or PGPSettings(base=base, apart=training.apart))
     guide.small.requires_grad_(False)
     params = guide.adapter_parameters()
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
     rng = random.Random(f"vlmprune-pgp-train-{seed}")
-    init_prior(guide, qa_batch(processor, guide.small, rng, training.batch))
+    if training.init_prior:
+        init_prior(guide, qa_batch(processor, guide.small, rng, training.batch))
     guide.train()
     started = time.time()
     curve = []   # (step, beta, ce, kl) every LOG_EVERY steps, saved beside the guide
