@@ -1,10 +1,14 @@
-"""Weight pruning on the toy world: retention of every method at 50%, 60%, 2:4 and 4:8 (seed 002,
-Tables A1-A2 analogue), calibration pools (Table A3), ATV's alpha sweep, token-selection ablation
-(A5), the MoT probe (pathway x pool), pruning time per method, and ATV's drift profile (Fig. A1).
+"""Weight pruning on the toy world: every method at 50%, 60%, 2:4 and 4:8 (seed 002, Tables A1-A2
+analogue) with SparseGPT on ATV-selected calibration, Wanda on the text-only pool and TAMP with DAS;
+calibration pools (Table A3); token-selection ablation (A5) with each row's mean K; the modality-gap
+probe; Wanda calibrated on question-answer samples; pruning time; ATV's drift profile (Fig. A1); on
+request ATV's alpha sweep and the MoT probe. Each row keeps its per-item outcomes, and weights.md
+gives every average with its 95% interval and the paired exact McNemar tests of the claims.
 
-    .venv/bin/python benchmarks/weights_results.py [--model toy-large] [--limit 50] [--nsamples 64] \
-        [--part main50,time,pools,selection,alpha,mot,main60,drift] [--out DIR] [--quick]
+    .venv/bin/python benchmarks/weights_results.py [--model toy-large] [--limit N] [--nsamples 64] \
+        [--part main50,main60,selection,pools,probe,qa,time,drift,alpha,mot] [--out DIR] [--quick]
 
+Without ``--limit`` every row is evaluated on the full test split (500 items per task).
 Rows go to ``DIR/weights.json`` (default ``docs/results``) as they arrive; a rerun with the same
 model, limit and calibration skips rows already there, then ``DIR/weights.md`` is rewritten from
 everything in the JSON. ``--quick`` is a smoke run (2 items per task, 4 calibration samples, one
