@@ -411,3 +411,10 @@ def test_a_two_step_training_saves_a_guide_that_loads_with_its_settings_and_curv
     for (name, a), (_, b) in zip(trained.small.named_parameters(), loaded.small.named_parameters()):
         torch.testing.assert_close(a.detach().half().float(), b, msg=name)
     assert any("lora_B" in name and p.abs().sum() > 0 for name, p in loaded.small.named_parameters())
+
+
+@pytest.mark.parametrize("spec", ["pgp:keep=0.05", "sgp:keep=0.05", "pgp:keep=0.1,share=false"])
+def test_a_guided_spec_label_names_no_unset_setting_and_reads_back(spec):
+    label = vp.tokens.from_spec(spec).spec()
+    assert "None" not in label
+    assert vp.tokens.from_spec(label).spec() == label

@@ -14,16 +14,17 @@ seed. Two recipes (:data:`RECIPES`):
 
 * ``shipped`` (the default; the guide in ``toyworld/checkpoints/toy-small-pgp``): 400 steps, the
   schedule exactly as specified from step 0. Its posteriors collapse onto the prior within ~30 steps
-  (KL ~0.2 nats per token against ~150 at the start; CE ~1.6, near the answer from the question
-  alone): pass 2 feeds final hidden states where input embeddings were, which the untrained LoRA
-  cannot read yet (CE 2.4 with them at step 0), so both terms push toward the prior. What is left
-  is a faint, nearly flat KL map (effective ~95 of 100 tokens).
+  (KL from ~160 nats per token at step 0 to below 1, CE stuck at 1.1-1.6): pass 2 feeds final hidden
+  states where input embeddings were, which the untrained LoRA cannot read yet (CE 2.6 with them at
+  step 0), so both terms push toward the prior. What is left is a faint, nearly flat KL map
+  (effective width 93-97 of 100 tokens).
 * ``uncollapsed``: 2000 steps (23 minutes on one shared CPU thread); ``warmup`` = 10% of the steps at
   beta = 0 (with it the LoRA reads the sampled states within ~60 steps), then the specified schedule
   (0.5 -> 0.2 over the next ``gamma``, then constant); the prior starts at the per-channel mean and
   standard deviation of a first batch's visual states; the visual tokens apart where ``V'`` is read
-  (``PGPSettings.apart``). CE ends near 0.6-0.7 with a sparse KL map, but its top tokens lie on
-  objects no more often than chance, and the large model keeps worse tokens by it (docs/RESULTS.md).
+  (``PGPSettings.apart``). It still collapses when beta starts, then recovers CE (0.56-0.90) with a
+  sparse KL map (0.004-0.015 nats per token), but the large model keeps worse tokens by it
+  (docs/RESULTS.md), so the shipped guide is the ``shipped`` recipe's.
 """
 from __future__ import annotations
 
