@@ -134,3 +134,22 @@ def test_toy_presets_read_the_shipped_checkpoints(name):
     assert preset.config.text_config.hidden_size == shipped["text_config"]["hidden_size"]
     assert preset.config.vision_config.num_hidden_layers == shipped["vision_config"]["num_hidden_layers"]
     assert count_flops(preset, 16).flops.total == pytest.approx(analytic_flops(preset, 16).total, rel=0.02)
+
+
+def test_a_guide_model_inside_the_forward_is_counted_as_extra_only():
+    """PGP runs toy-small (same class and module names as toy-large) inside toy-large's forward. The
+    large model's LLM part must be what any method keeping the same tokens at the same site costs
+    (DivPrune, also before LLM layer 0), and the guide's whole cost must land in ``extra``: attribution
+    by module name gave the large LLM 0 and moved it into ``extra``."""
+    from vlmprune import toyworld
+    from vlmprune.eval.harness import evaluate
+
+    model, processor = toyworld.load("toy-large")
+    flops = {spec: evaluate(model, processor, tokens=spec, tasks=["existence"], limit=1, progress=False)["flops"]
+             for spec in ("divprune:keep=5", "pgp:keep=5")}
+    divprune, pgp = flops["divprune:keep=5"], flops["pgp:keep=5"]
+    assert pgp["llm"] == divprune["llm"] > 0
+    assert (pgp["vision"], pgp["projector"]) == (divprune["vision"], divprune["projector"])
+    # the guide: toy-small's 2 LLM layers over the whole prompt and its projector, several times DivPrune's scoring
+    assert pgp["extra"] > 10 * divprune["extra"]
+    assert pgp["total"] == pgp["vision"] + pgp["projector"] + pgp["llm"] + pgp["extra"]

@@ -9,8 +9,8 @@ position a forward scores (a plain forward returns logits for all of them): with
 * :func:`analytic_flops` prices a :class:`TokenSchedule` (the sequence length at every layer) with
   closed formulas per family.
 * :func:`count_flops` runs the real ``transformers`` model on the ``meta`` device (no weights) under
-  ``torch.utils.flop_counter.FlopCounterMode`` and attributes the counted FLOPs to parts by module
-  (the model adapter says which module is which). With a token method attached, the schedule is read
+  ``torch.utils.flop_counter.FlopCounterMode`` and attributes the counted FLOPs to parts by hooks on
+  the part modules (the model adapter says which module is which; see :class:`_PartMeter`). With a token method attached, the schedule is read
   from the shapes the layers actually receive, so savings are measured, not assumed.
 
 ``extra`` is the cost of scoring. Counted: every FLOP spent inside the method's ``reduce`` (and its
@@ -223,18 +223,21 @@ def count_flops(preset: Preset, text_tokens: int, method: TokenMethod | None = N
     recorder = _ScheduleRecorder(model, adapter)  # after the engine's hooks: it sees pruned inputs
     meter = _ScoringMeter(method) if method is not None else None
     inputs = counting_inputs(preset, text_tokens)
+    counter = FlopCounterMode(display=False)
+    part_meter = _PartMeter(counter, adapter)
     try:
-        with FlopCounterMode(display=False) as counter, ShapeOnlyMode(), torch.no_grad():
+        with counter, ShapeOnlyMode(), torch.no_grad():
             if meter is not None:
-                meter.attach(lambda: _part_counts(counter, model, adapter))
+                meter.attach(part_meter.counts)
             model(**inputs)
     finally:
         recorder.remove()
+        part_meter.remove()
         if handle is not None:
             handle.remove()
         if meter is not None:
             meter.detach()
-    parts = _part_counts(counter, model, adapter)
+    parts = part_meter.counts()
     spent = meter.spent if meter is not None else {}
     # work outside the three part modules (none in a dense forward) is pruning overhead: extra
     flops = Flops(vision=parts["vision"] - spent.get("vision", 0),
@@ -245,21 +248,50 @@ def count_flops(preset: Preset, text_tokens: int, method: TokenMethod | None = N
     return CountedFlops(flops, schedule)
 
 
-def _part_counts(counter: FlopCounterMode, model: nn.Module, adapter) -> dict[str, int]:
-    """Counted FLOPs so far per part module (the vision count excludes a projector nested in it)."""
-    counts = counter.get_flop_counts()
-    names = {module: name for name, module in model.named_modules()}
-    root = type(model).__name__
+class _PartMeter:
+    """FLOPs by part from the counter's running total (``get_total_flops``), read when each part module
+    of the model is entered and left. Attribution by module *name* (the counter's own) breaks when
+    another model with the same class and module names runs inside the forward (a small guide model):
+    its modules' exits drop the large model's names from the counter's stack. Hooks on the module
+    objects themselves cannot be confused. A part nested in another (a projector inside the vision
+    tower) counts for itself only."""
 
-    def of(module: nn.Module) -> int:
-        return int(sum(counts.get(f"{root}.{names[module]}", {}).values()))
+    def __init__(self, counter: FlopCounterMode, adapter):
+        self._total = counter.get_total_flops
+        modules = {"vision": adapter.vision_tower, "projector": adapter.projector, "llm": adapter.llm,
+                   "head": adapter.lm_head}
+        self._done = dict.fromkeys(modules, 0)
+        self._open: list[list] = []          # [part, total at entry, FLOPs of finished nested parts]
+        self._hooks = []
+        for part, module in modules.items():
+            self._hooks.append(module.register_forward_pre_hook(lambda *_, part=part: self._enter(part)))
+            self._hooks.append(module.register_forward_hook(lambda *_: self._leave()))
 
-    projector = of(adapter.projector)
-    nested = any(m is adapter.projector for m in adapter.vision_tower.modules())
-    parts = {"vision": of(adapter.vision_tower) - (projector if nested else 0), "projector": projector,
-             "llm": of(adapter.llm) + of(adapter.lm_head), "global": int(sum(counts.get("Global", {}).values()))}
-    parts["outside"] = parts["global"] - parts["vision"] - parts["projector"] - parts["llm"]
-    return parts
+    def _enter(self, part: str) -> None:
+        self._open.append([part, self._total(), 0])
+
+    def _leave(self) -> None:
+        part, entry, nested = self._open.pop()
+        elapsed = self._total() - entry
+        self._done[part] += elapsed - nested
+        if self._open:
+            self._open[-1][2] += elapsed
+
+    def counts(self) -> dict[str, int]:
+        """Counted FLOPs so far per part (open parts included up to now), ``global`` and ``outside``."""
+        now = self._total()
+        done = dict(self._done)
+        for i, (part, entry, nested) in enumerate(self._open):
+            inner = now - self._open[i + 1][1] if i + 1 < len(self._open) else 0
+            done[part] += now - entry - nested - inner
+        parts = {"vision": done["vision"], "projector": done["projector"], "llm": done["llm"] + done["head"],
+                 "global": int(now)}
+        parts["outside"] = parts["global"] - parts["vision"] - parts["projector"] - parts["llm"]
+        return parts
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
 
 
 class _ScheduleRecorder:
