@@ -38,7 +38,8 @@ test-latest:
 	$(LATEST)/bin/pip install -q --upgrade pip
 	$(LATEST)/bin/pip install -q --upgrade $$($(PY) tools/dependency_names.py)
 	$(LATEST)/bin/pip install -q --no-deps -e .
-	$(LATEST)/bin/pip list 2>/dev/null | grep -iE '^(torch|transformers|safetensors|tokenizers|numpy) '
+	$(LATEST)/bin/python -c "import torch, sys; sys.exit(torch.version.cuda is None)" || $(LATEST)/bin/pip uninstall -q -y torchvision
+	$(LATEST)/bin/pip list 2>/dev/null | grep -iE '^(torch|torchvision|transformers|safetensors|tokenizers|numpy|lmms.eval|compressed.tensors|peft|filelock) '
 	$(LATEST)/bin/python -m pytest tests
 
 bench: setup

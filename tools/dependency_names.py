@@ -1,4 +1,5 @@
-"""Print the project's direct dependencies (runtime and test) by name, without version bounds.
+"""Print the project's direct dependencies (runtime, test and the extras `make setup` installs) by name,
+without version bounds.
 
 `make test-latest` installs these at their newest releases, so a release that breaks vlmprune is
 seen before the supported range in pyproject.toml admits it.
@@ -8,5 +9,6 @@ import tomllib
 from pathlib import Path
 
 project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
-requirements = project["dependencies"] + project["optional-dependencies"]["test"]
+extras = project["optional-dependencies"]
+requirements = project["dependencies"] + extras["test"] + extras["lmms"] + extras["export"]
 print(" ".join(re.match(r"[A-Za-z0-9_.\-]+", requirement).group(0) for requirement in requirements))
