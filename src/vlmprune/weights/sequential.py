@@ -181,10 +181,11 @@ def compute_device(model: nn.Module, device: torch.device | str | None) -> torch
 def sweep(model: nn.Module, calibration: Sequence[Any], visit: Callable[[BlockContext], list[torch.Tensor] | None],
           *, device: torch.device | str | None = None, linears: list[dict[str, nn.Linear]] | None = None,
           on_sample: Callable[[torch.Tensor], None] | None = None, desc: str = "blocks",
-          captured: BlockInputs | None = None) -> None:
+          captured: BlockInputs | None = None, place: Callable = block_on) -> None:
     """Run the calibration samples block by block through the model as it is, calling ``visit``
     on each block. ``visit`` may return the block outputs it computed (else the engine computes
-    them); those outputs feed the next block. ``captured``: block-0 inputs from :func:`capture`."""
+    them); those outputs feed the next block. ``captured``: block-0 inputs from :func:`capture`.
+    ``place(block, device)``: the context that holds a block's weights on the device (:func:`prune`)."""
     from ..models import get_adapter
 
     adapter = get_adapter(model)
@@ -193,7 +194,7 @@ def sweep(model: nn.Module, calibration: Sequence[Any], visit: Callable[[BlockCo
     inputs = captured if captured is not None else capture_inputs(model, adapter, calibration, device)
     for b in report_progress(range(len(adapter.llm_layers)), desc=desc, unit="block"):
         block = adapter.llm_layers[b]
-        with block_on(block, device):
+        with place(block, device):
             ctx = BlockContext(b, block, per_block[b], inputs, adapter.llm.config, device, on_sample)
             outputs = visit(ctx)
             if outputs is None:
@@ -231,12 +232,15 @@ class PruneReport:
 
 def prune(model: nn.Module, method, calibration: Sequence[Any] | None = None, *, targets: Sequence[str] | None = None,
           ignore: Sequence[str] | None = None, device: torch.device | str | None = None,
-          on_sample: Callable[[torch.Tensor], None] | None = None, captured: BlockInputs | None = None) -> PruneReport:
+          on_sample: Callable[[torch.Tensor], None] | None = None, captured: BlockInputs | None = None,
+          place: Callable = block_on) -> PruneReport:
     """Prune ``model`` in place with ``method`` (a :class:`~vlmprune.weights.base.WeightMethod`).
 
     ``calibration``: list of processor outputs, one sample each (batch 1), image plus text.
     ``on_sample(visual_mask)`` runs before each sample enters a block (the MoT probe routes with it).
     ``captured``: the calibration's block-0 inputs from :func:`capture`, reused instead of recomputed.
+    ``place(block, device)``: the context that holds one block's weights on ``device`` while it is
+    processed (default: moved from where they sit and back; :mod:`.offload` reads them from storage).
     """
     from ..models import get_adapter
 
@@ -254,7 +258,7 @@ def prune(model: nn.Module, method, calibration: Sequence[Any] | None = None, *,
             for b, linears in enumerate(report_progress(per_block, desc=method.name, unit="block")):
                 tic = time.perf_counter()
                 block = adapter.llm_layers[b]
-                with block_on(block, device):
+                with place(block, device):
                     method.prune_block(BlockContext(b, block, linears, None, adapter.llm.config, device))
                     report.record_block(linears)
                 report.block_seconds.append(time.perf_counter() - tic)
@@ -263,7 +267,7 @@ def prune(model: nn.Module, method, calibration: Sequence[Any] | None = None, *,
                 raise VlmpruneError(f"{method.name} needs calibration samples: pass a non-empty calibration list")
             if method.needs_dense_sweep:
                 sweep(model, calibration, method.observe_dense, device=device, linears=per_block,
-                      on_sample=on_sample, desc=f"{method.name} dense sweep", captured=captured)
+                      on_sample=on_sample, desc=f"{method.name} dense sweep", captured=captured, place=place)
                 method.allocate(per_block)
 
             def visit(ctx: BlockContext) -> list[torch.Tensor]:
@@ -276,7 +280,7 @@ def prune(model: nn.Module, method, calibration: Sequence[Any] | None = None, *,
                 return outputs
 
             sweep(model, calibration, visit, device=device, linears=per_block, on_sample=on_sample,
-                  desc=method.name, captured=captured)
+                  desc=method.name, captured=captured, place=place)
     finally:
         model.train(was_training)
     report.total_seconds = time.perf_counter() - start
