@@ -8,6 +8,7 @@ from ..errors import VlmpruneError
 from ..integrations.export import FORMATS, check_format
 from ..outputs import check_output
 from ..preflight import check_model, check_spec
+from .offload import OFFLOADS, check_offload
 
 CALIBRATION_SOURCES = ("captions",)
 DTYPES = ("float16", "bfloat16", "float32")
@@ -33,6 +34,11 @@ def register(subparsers) -> None:
     parser.add_argument("--targets", nargs="*", default=None, help="regexes of Linear names to prune (default: the LLM's)")
     parser.add_argument("--ignore", nargs="*", default=None, help="regexes of Linear names to leave dense")
     parser.add_argument("--device", default=None, help="compute device for one block at a time (default: the model's)")
+    parser.add_argument("--offload", default=None, choices=OFFLOADS,
+                        help="for a model bigger than memory: keep its weights on disk (read block by block from "
+                             "--model's safetensors) or in CPU memory (cpu), compute one decoder block at a time on "
+                             "--device and write each pruned block to --out as it is done; same weights as without "
+                             "it, at a cost in time (docs/REAL_MODELS.md)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
     parser.add_argument("--dtype", default=None, choices=DTYPES,
                         help="dtype of the saved weights (default: the dtype --model is stored in)")
@@ -75,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite)
     if args.format != "save_pretrained":
         check_format(args.format)
+    if args.offload:
+        check_offload(args.offload)
+        if args.recipe:
+            raise VlmpruneError("--offload prunes with --method; it does not apply a --recipe")
     if args.recipe:
         return run_recipe(args)
     if not args.method:
@@ -94,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
     if method.needs_calibration and nsamples < 1:
         raise VlmpruneError(f"--nsamples must be at least 1 for {method.name}: it needs calibration samples")
     torch.manual_seed(args.seed)
+    if args.offload:
+        return run_offloaded(args, method, nsamples)
     model, processor = load_model(args.model)
     calibration = (toyworld.calibration(processor, n=nsamples, seed=args.seed)
                    if method.needs_calibration else None)
@@ -105,6 +117,35 @@ def run(args: argparse.Namespace) -> int:
     save_pruned(model, processor, args.out, record, overwrite=args.overwrite)
     print(f"pruned {len(report.layer_sparsity)} layers of {args.model} with {method.name} to "
           f"{report.sparsity:.2%} sparsity in {report.total_seconds:.1f} s; saved to {args.out}")
+    return 0
+
+
+def run_offloaded(args: argparse.Namespace, method, nsamples: int) -> int:
+    """``--offload``: the model is never loaded whole (:func:`vlmprune.weights.offload.prune_offloaded`)."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoConfig, AutoProcessor
+
+    from .. import toyworld
+    from ..eval.loading import model_dir, stored_dtype
+    from .offload import prune_offloaded
+    from .saving import run_record
+
+    directory = model_dir(args.model)
+    processor = AutoProcessor.from_pretrained(directory)
+    calibration = (toyworld.calibration(processor, n=nsamples, seed=args.seed)
+                   if method.needs_calibration else None)
+    source = dense_source(args.model, SimpleNamespace(config=AutoConfig.from_pretrained(directory)))
+    record = lambda report: {**run_record(report, source, args.targets, args.ignore, args.calib,  # noqa: E731
+                                          len(calibration) if calibration else 0), "offload": args.offload}
+    report = prune_offloaded(directory, method, calibration, args.out, offload=args.offload, record=record,
+                             processor=processor, targets=args.targets, ignore=args.ignore, device=args.device,
+                             dtype=getattr(torch, args.dtype) if args.dtype else stored_dtype(args.model),
+                             overwrite=args.overwrite)
+    print(f"pruned {len(report.layer_sparsity)} layers of {args.model} with {method.name} to "
+          f"{report.sparsity:.2%} sparsity in {report.total_seconds:.1f} s, offloaded to {args.offload}; "
+          f"saved to {args.out}")
     return 0
 
 

@@ -192,14 +192,21 @@ class OffloadedModel:
         save_file(keyed, str(self.out / file), metadata={"format": "pt"})
 
     def finish(self, record: dict[str, Any], processor=None) -> None:
-        """Copy the tensors no block holds (in shards of at most a block's worth of tensors), and write the
+        """Copy the tensors no block holds (in shards no larger than a block's, unless one tensor is), and write the
         index, the config with the pruning ``record``, the generation config and the processor."""
         from .saving import CONFIG_KEY
 
-        rest = [n for n in self.checkpoint.key if n not in self.files]
-        per_shard = max(len(self._names(self.adapter.llm_layers[0])), 1)
-        for count, start in enumerate(range(0, len(rest), per_shard)):
-            self._save(f"model-rest-{count:05d}.safetensors", self._read(rest[start:start + per_shard]))
+        block_bytes: dict[str, int] = {}
+        for name, file in self.files.items():
+            block_bytes[file] = block_bytes.get(file, 0) + self.nbytes[name]
+        limit, shards = max(block_bytes.values(), default=0), [[]]
+        for name in (n for n in self.checkpoint.key if n not in self.files):
+            size = self._tensor(name).numel() * self.checkpoint.dtype[self.checkpoint.key[name]].itemsize
+            if shards[-1] and sum(s for _, s in shards[-1]) + size > limit:
+                shards.append([])
+            shards[-1].append((name, size))
+        for count, shard in enumerate(s for s in shards if s):
+            self._save(f"model-rest-{count:05d}.safetensors", self._read([name for name, _ in shard]))
         weight_map = {self.checkpoint.key[n]: f for n, f in sorted(self.files.items())}
         total = sum(self.nbytes.values())
         (self.out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
