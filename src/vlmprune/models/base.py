@@ -64,16 +64,24 @@ class ModelAdapter(ABC):
         """Visual tokens per image in the LLM sequence, read from the features' shapes."""
         return [int(f.shape[0]) for f in image_outputs.pooler_output]
 
-    def llm_qkv(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def attention_projections(self, tower: str, layer: int) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """The q, k and v Linears of ``layer`` in ``tower`` ("llm" or "vision"): the token engine
+        hooks them to read the projections the model computes instead of computing them again."""
+        attn = (self.llm_layers if tower == "llm" else self.vision_layers)[layer].self_attn
+        return attn.q_proj, attn.k_proj, attn.v_proj
+
+    def llm_qkv(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                projected: tuple | None = None):
         """Query, key and value heads (B, H, N, d) that LLM ``layer`` computes from its input
-        ``hidden``: RoPE applied to q and k, grouped kv heads repeated to H."""
+        ``hidden``: RoPE applied to q and k, grouped kv heads repeated to H. ``projected``: the
+        layer's own q/k/v projection outputs for ``hidden``, when already at hand."""
         block = self.llm_layers[layer]
         attn = block.self_attn
-        h = block.input_layernorm(hidden)
-        b, n, _ = h.shape
-        q = attn.q_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        b, n, _ = hidden.shape
+        if projected is None:
+            h = block.input_layernorm(hidden)
+            projected = (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
+        q, k, v = (p.view(b, n, -1, attn.head_dim).transpose(1, 2) for p in projected)
         k_raw = k
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + _rotate_half(q) * sin
@@ -91,8 +99,9 @@ class ModelAdapter(ABC):
                                                           (mlp, ("gate_proj", "up_proj", "down_proj")))
                 for role in roles}
 
-    def vision_qkv(self, layer: int, hidden: torch.Tensor):
-        """Query, key and value heads (B, H, N, d) of vision ``layer`` for its input ``hidden``."""
+    def vision_qkv(self, layer: int, hidden: torch.Tensor, projected: tuple | None = None):
+        """Query, key and value heads (B, H, N, d) of vision ``layer`` for its input ``hidden``
+        (``projected``: the layer's own q/k/v projection outputs, when at hand)."""
         raise VlmpruneError(f"{self.family}: pruning inside the vision encoder is not supported; "
                             "use Site('llm', 0) or later")
 
@@ -130,11 +139,12 @@ class ClipTowerMixin:
         single = isinstance(config.vision_feature_layer, int)
         return self._tower_layers() if single and config.vision_feature_select_strategy == "default" else None
 
-    def vision_qkv(self, layer: int, hidden: torch.Tensor):
+    def vision_qkv(self, layer: int, hidden: torch.Tensor, projected: tuple | None = None):
         block = self._tower_layers()[layer]
         attn = block.self_attn
-        h = block.layer_norm1(hidden)
-        b, n, _ = h.shape
-        heads = [proj(h).view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
-                 for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        b, n, _ = hidden.shape
+        if projected is None:
+            h = block.layer_norm1(hidden)
+            projected = (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
+        heads = [p.view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2) for p in projected]
         return heads[0], heads[1], heads[2], heads[1], attn.scale

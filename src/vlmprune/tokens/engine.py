@@ -202,6 +202,10 @@ class _Engine:
         self._hooks.append(a.llm.register_forward_pre_hook(self._on_llm, with_kwargs=True))
         for index, layer in enumerate(a.llm_layers):
             self._hooks.append(layer.register_forward_pre_hook(self._llm_layer_hook(index), with_kwargs=True))
+        for tower, layers in (("llm", self.record_llm), ("vision", self.record_vision)):
+            for index in layers:
+                for role, projection in zip("qkv", a.attention_projections(tower, index)):
+                    self._hooks.append(projection.register_forward_hook(self._projection_hook(tower, index, role)))
         if a.vision_layers is not None and (self.vision_sites or self.record_vision):
             for index in self.record_vision:
                 self._hooks.append(a.vision_layers[index].register_forward_pre_hook(self._vision_record_hook(index)))
@@ -332,7 +336,16 @@ class _Engine:
     def _vision_record_hook(self, index: int):
         def hook(module, args):
             if self._encoding:
-                self.records[("vision", index)] = (args[0],)
+                self.records[("vision", index)] = (args[0], {})
+        return hook
+
+    def _projection_hook(self, tower: str, index: int, role: str):
+        """Keeps a recorded layer's q, k or v projection as the model computes it, so that a scorer
+        reads attention without projecting the layer's input again."""
+        def hook(module, args, output):
+            record = self.records.get((tower, index))
+            if record is not None and role not in record[-1] and output.shape[:2] == record[0].shape[:2]:
+                record[-1][role] = output
         return hook
 
     def _vision_pre_site_hook(self, module, args):
@@ -432,7 +445,7 @@ class _Engine:
         mask, cos, sin = st.built
         st.layer_shift[index] = st.dropped_before.gather(1, seq.src[:, -1:]).squeeze(1)
         if index in self.record_llm:
-            self.records[("llm", index)] = (seq.hidden, cos, sin, mask)
+            self.records[("llm", index)] = (seq.hidden, cos, sin, mask, {})
         st.layer_keys[index] = (seq.valid, self._key_bias(seq))
         return seq.hidden, mask, cos, sin
 
@@ -598,13 +611,16 @@ class _Engine:
                                     "list it in recorded_layers()")
             return records[(tower, layer)]
 
+        @functools.cache  # attention and values of one layer share its heads
         @torch.no_grad()  # scores only choose tokens; a graph of them would outlive the step in training
         def heads(layer: int):
             record = recorded(layer)
+            captured = record[-1]
+            projected = tuple(captured[role] for role in "qkv") if len(captured) == 3 else None
             if tower == "vision":
                 bias = None if sizes is None else _size_bias(sizes, record[0].dtype, cls=True)[:, None, None, :]
-                return (*self.adapter.vision_qkv(layer, record[0]), bias)
-            return (*self.adapter.llm_qkv(layer, record[0], record[1], record[2]), record[3])
+                return (*self.adapter.vision_qkv(layer, record[0], projected), bias)
+            return (*self.adapter.llm_qkv(layer, record[0], record[1], record[2], projected), record[3])
 
         def attention(layer: int, rows: torch.Tensor | None = None) -> torch.Tensor:
             q, k, _, _, scale, mask = heads(layer)
