@@ -438,15 +438,19 @@ class _Engine:
             seq = self._llm_site(self.llm_sites[index], seq)
         if seq.scoring is not None and index >= self.last_llm_site and not self.method.scoring_token_is_real():
             seq = self._drop_scoring(seq)
+        # plain causal: the model found no padding (its own mask is None) and no key is masked or biased
+        plain = kwargs.get("attention_mask") is None and seq.sizes is None and (
+            seq.scoring is None or self.method.scoring_token_is_real())
         if seq is not st.seq or index == 0:  # layers between sites share one mask and one cos/sin
-            st.built = (self._mask(seq.order, seq.order, seq.valid, seq.hidden.dtype, self._key_bias(seq)),
-                        *self._rotary(seq))
+            mask = None if plain else self._mask(seq.order, seq.order, seq.valid, seq.hidden.dtype,
+                                                 self._key_bias(seq), query_index=self._positions(seq))
+            st.built = (mask, *self._rotary(seq))
         st.seq = seq
         mask, cos, sin = st.built
         st.layer_shift[index] = st.dropped_before.gather(1, seq.src[:, -1:]).squeeze(1)
         if index in self.record_llm:
-            self.records[("llm", index)] = (seq.hidden, cos, sin, mask, {})
-        st.layer_keys[index] = (seq.valid, self._key_bias(seq))
+            self.records[("llm", index)] = (seq.hidden, cos, sin, (seq.order, seq.valid, self._key_bias(seq)), {})
+        st.layer_keys[index] = (seq.valid, self._key_bias(seq), plain)
         return seq.hidden, mask, cos, sin
 
     def _decode_layer(self, index: int, hidden: torch.Tensor, args: tuple, kwargs: dict):
@@ -455,7 +459,12 @@ class _Engine:
         if cache is None:
             raise VlmpruneError("decode steps after a pruned prefill need the KV cache (use_cache=True)")
         step = hidden.shape[1]
-        prefix, prefix_bias = st.layer_keys[index]
+        prefix, prefix_bias, plain = st.layer_keys[index]
+        cos, sin = required(kwargs, "position_embeddings", "a decoder layer's forward")
+        if self.positions == "compact":
+            cos, sin = self._compact_decode_rotary(index, hidden, kwargs)
+        if plain and step == 1 and kwargs.get("attention_mask") is None:  # one new query sees every key
+            return None, cos, sin
         past = cache.get_seq_length(index)
         generated = past - prefix.shape[1] + step
         device = hidden.device
@@ -464,21 +473,23 @@ class _Engine:
                                torch.arange(1, generated + 1, device=device).expand(prefix.shape[0], -1)], dim=1)
         query_order = torch.arange(generated - step + 1, generated + 1, device=device).expand(prefix.shape[0], -1)
         bias = None if prefix_bias is None else torch.cat([prefix_bias, prefix_bias.new_zeros(prefix.shape[0], generated)], 1)
-        mask = self._mask(query_order, key_order, keys, hidden.dtype, bias, diagonal=False)
-        cos, sin = required(kwargs, "position_embeddings", "a decoder layer's forward")
-        if self.positions == "compact":
-            cos, sin = self._compact_decode_rotary(index, hidden, kwargs)
-        return mask, cos, sin
+        return self._mask(query_order, key_order, keys, hidden.dtype, bias), cos, sin
 
     @staticmethod
-    def _mask(query_order, key_order, key_valid, dtype, key_bias=None, diagonal: bool = True) -> torch.Tensor:
-        """(B, 1, Q, K) additive mask: a query sees valid keys of lower or equal order (and itself);
-        ``key_bias`` (B, K) is added where it sees them."""
+    def _mask(query_order, key_order, key_valid, dtype, key_bias=None, query_index=None) -> torch.Tensor:
+        """(B, 1, Q, K) additive mask: a query sees valid keys of lower or equal order, and itself
+        when ``query_index`` (B, Q) says which key it is; ``key_bias`` (B, K) is added where it sees."""
         allowed = (key_order[:, None, :] <= query_order[:, :, None]) & key_valid[:, None, :]
-        if diagonal:
-            allowed = allowed | torch.eye(query_order.shape[1], dtype=torch.bool, device=allowed.device)
+        if query_index is not None:
+            keys = torch.arange(key_order.shape[1], device=allowed.device)
+            allowed = allowed | (keys[None, None, :] == query_index[:, :, None])
         seen = torch.zeros((), dtype=dtype, device=allowed.device) if key_bias is None else key_bias[:, None, :]
         return torch.where(allowed, seen, torch.finfo(dtype).min)[:, None]
+
+    @staticmethod
+    def _positions(seq: _Sequence) -> torch.Tensor:
+        """(B, N) 0..N-1: every token's own position in the current sequence."""
+        return torch.arange(seq.src.shape[1], device=seq.src.device).expand(seq.src.shape[0], -1)
 
     @staticmethod
     def _key_bias(seq: _Sequence) -> torch.Tensor | None:
@@ -623,12 +634,15 @@ class _Engine:
             return (*self.adapter.llm_qkv(layer, record[0], record[1], record[2], projected), record[3])
 
         def attention(layer: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+            """Only the query ``rows`` are scored; an LLM layer's mask is built for those rows alone."""
             q, k, _, _, scale, mask = heads(layer)
             if rows is not None:
                 rows = rows.view(rows.shape[0], -1)
                 q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
-                if mask is not None and mask.shape[2] > 1:
-                    mask = mask.gather(2, rows[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
+            if tower == "llm":
+                order, valid, bias = mask
+                index = rows if rows is not None else torch.arange(order.shape[1], device=order.device).expand_as(order)
+                mask = self._mask(order.gather(1, index), order, valid, q.dtype, bias, query_index=index)
             scores = (q @ k.transpose(-1, -2)).float() * scale
             if mask is not None:
                 scores = scores + mask.float()
