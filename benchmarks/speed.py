@@ -6,19 +6,31 @@ Every number is also given as a ratio against dense in the same run; times are m
 share is the time spent inside the method's own scoring (``reduce`` and ``scoring_token``: attention
 reads, rollout, similarities, IVTP's text encoder) over the dense prefill time.
 
+Columns: measured prefill speedup (dense ms / method ms, median of the per-round ratios), the
+FLOPs-ideal speedup (dense FLOPs / method FLOPs, both counted on the meta device), their ratio (1.0:
+the whole FLOPs saving shows up as time), the scorer's own time as a share of dense prefill, decode
+tokens/s and KV bytes. ``--profile`` instead runs ``torch.profiler`` on one prefill per setting and
+reports where the time goes by engine step and by operator.
+
 IVTP runs as plain ``ivtp:keep=64``: its text companion (CLIP ViT-L/14-336's text tower, 12 layers
 768 wide) is found through ``vlmprune.models.companions`` like on a real checkpoint, here a random-weight
 stand-in of the real width saved to a temporary directory, so IVTP's recorded cost includes the text encoder.
 
-    python benchmarks/speed.py [--llm-layers 4] [--vision-layers 6] [--repeats 3] [--tokens SPEC ...]
+    python benchmarks/speed.py [--llm-layers 4] [--vision-layers 6] [--repeats 5] [--keeps 64 128]
+                               [--tokens SPEC ...] [--threads 1] [--markdown docs/BENCHMARKS.md] [--profile]
 
-Prints a Markdown table and writes JSON (default benchmarks/results/speed.json).
+Prints a Markdown table and writes JSON (default benchmarks/results/speed.json, or speed_profile.json);
+with ``--markdown`` the table replaces the block between ``<!-- speed:NAME -->`` and
+``<!-- /speed:NAME -->`` in that file (NAME: the JSON file's stem), so no number is copied by hand.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -32,24 +44,23 @@ from transformers import AutoModelForImageTextToText, CLIPConfig, CLIPModel, Pre
 from vlmprune import tokens
 from vlmprune.errors import VlmpruneError
 from vlmprune.measure.flops import count_flops
-from vlmprune.measure.latency import decode_tokens_per_s, prefill_ms
+from vlmprune.measure.latency import attached, decode_tokens_per_s, prefill_ms
 from vlmprune.measure.memory import analytic_kv_cache_bytes, kv_cache_bytes
 from vlmprune.measure.meta import counting_inputs
 from vlmprune.models import companions
 from vlmprune.models.presets import Preset, get_preset
 
-# FastV at its paper setting; the others at 64 of 576 visual tokens (IVTP's main budget)
-SPECIAL_SPECS = {"fastv": "fastv:layer=2,keep=0.5", "pyramiddrop": "pyramiddrop"}
-DEFAULT_KEEP = 64
+DEFAULT_KEEPS = (64, 128)     # of 576 visual tokens: IVTP's main budget and the 2n rule's threshold
+PROFILED = ("fastv:keep=64", "ivtp:keep=64", "divprune:keep=64", "fastervlm:keep=64")
 # CLIP ViT-L/14-336's text tower and projection (the hub model LLaVA-1.5's companion table names)
 CLIP_L_336_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                        vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
 CLIP_L_336_PROJECTION = 768
 
 
-def default_specs() -> list[str]:
-    """One SPEC per token method in the registry at run time."""
-    return [SPECIAL_SPECS.get(name, f"{name}:keep={DEFAULT_KEEP}") for name in sorted(tokens.REGISTRY)]
+def default_specs(keeps=DEFAULT_KEEPS) -> list[str]:
+    """Every token method in the registry at run time, at every kept count (FastV at its layer 2)."""
+    return [f"{name}:keep={keep}" for keep in keeps for name in sorted(tokens.REGISTRY)]
 
 
 def reduced_preset(llm_layers: int, vision_layers: int) -> Preset:
@@ -146,31 +157,125 @@ def timed_rounds(model, inputs, rows: list[dict], rounds: int, new_tokens: int) 
         row["scoring_ms"] = statistics.median(scorer)
         row["decode_tok_s"] = statistics.median(rates)
         row["prefill_ms_ratio"] = statistics.median(t / d for t, d in zip(times, prefill[0]))
-        row["scoring_share_of_dense_prefill"] = statistics.median(s / d for s, d in zip(scorer, prefill[0]))
+        row["scoring_ms_ratio"] = statistics.median(s / d for s, d in zip(scorer, prefill[0]))
         row["decode_tok_s_ratio"] = statistics.median(r / d for r, d in zip(rates, decode[0]))
 
 
+# engine steps and scorer parts timed by --profile (inclusive times; a step may hold another)
+ENGINE_STEPS = ("_vision_site", "_start_sequence", "_insert_scoring", "_llm_site", "_keep_visual",
+                "_drop_scoring", "_rotary", "_mask", "_decode_layer")
+SCORER_STEPS = (("vlmprune.tokens.scorers", None, ("grouped_rollout_row", "significance", "max_min_diverse", "top_indices")),
+                ("vlmprune.models.base", "ModelAdapter", ("llm_qkv",)),
+                ("vlmprune.models.base", "ClipTowerMixin", ("vision_qkv",)),
+                ("vlmprune.tokens.methods.ivtp", "IVTP", ("_text_relevance", "_image_embedding")))
+
+
+def _labelled(owner, name: str, label: str) -> None:
+    function = inspect.getattr_static(owner, name) if isinstance(owner, type) else getattr(owner, name)
+    plain = function.__func__ if isinstance(function, staticmethod) else function
+
+    def run(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return plain(*args, **kwargs)
+    setattr(owner, name, staticmethod(run) if isinstance(function, staticmethod) else run)
+
+
+def label_steps() -> None:
+    """Name the engine's steps and the scorers' parts for the profiler (this process only)."""
+    import importlib
+    from vlmprune.tokens import engine
+    for name in ENGINE_STEPS:
+        _labelled(engine._Engine, name, f"engine.{name.lstrip('_')}")
+    for module, owner, names in SCORER_STEPS:
+        target = importlib.import_module(module)
+        target = getattr(target, owner) if owner else target
+        for name in names:
+            _labelled(target, name, f"{owner or 'scorers'}.{name.lstrip('_')}")
+
+
+def profile_rows(model, inputs, specs: list[str | None]) -> list[dict]:
+    """One warm and one profiled prefill per setting: time by labelled step and the top operators."""
+    label_steps()
+    rows = []
+    for spec in specs:
+        method = tokens.from_spec(spec) if spec else None
+        if method is not None:
+            for name in ("reduce", "scoring_token"):
+                _labelled(method, name, f"method.{name}")
+        with attached(model, method), torch.no_grad():
+            model(**inputs, use_cache=True)
+            start = time.perf_counter()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+                model(**inputs, use_cache=True)
+            total = 1000 * (time.perf_counter() - start)
+        events = profiler.key_averages()
+        steps = {e.key: e.cpu_time_total / 1000 for e in events if e.key.split(".")[0] in
+                 ("engine", "method", "scorers", "ModelAdapter", "ClipTowerMixin", "IVTP")}
+        operators = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)
+        rows.append({"tokens": spec or "dense", "prefill_ms": total, "steps_ms": steps,
+                     "operators_self_ms": {e.key: e.self_cpu_time_total / 1000 for e in operators[:6]}})
+    return rows
+
+
+def profile_table(rows: list[dict]) -> str:
+    lines = ["| tokens | prefill ms (profiled) | step | ms | % of this prefill |", "|---|---:|---|---:|---:|"]
+    for row in rows:
+        steps = sorted(row["steps_ms"].items(), key=lambda item: -item[1]) or [("(no engine)", 0.0)]
+        for index, (step, ms) in enumerate(steps):
+            head = f"{row['tokens']} | {row['prefill_ms']:.0f}" if index == 0 else " | "
+            lines.append(f"| {head} | {step} | {ms:.1f} | {100 * ms / row['prefill_ms']:.1f} |")
+    lines += ["", "| tokens | top operators by self time (ms) |", "|---|---|"]
+    for row in rows:
+        ops = ", ".join(f"{name.removeprefix('aten::')} {ms:.0f}" for name, ms in row["operators_self_ms"].items())
+        lines.append(f"| {row['tokens']} | {ops} |")
+    return "\n".join(lines)
+
+
 def with_static_ratios(rows: list[dict]) -> list[dict]:
+    """Ratios against dense, and the speedups: measured, FLOPs-ideal, and the share of the ideal
+    that the measured one reaches."""
     dense = rows[0]
     for row in rows:
         for key in ("kv_bytes", "flops"):
             row[f"{key}_ratio"] = row[key] / dense[key]
+        row["prefill_speedup"] = 1 / row["prefill_ms_ratio"]
+        row["flops_speedup"] = 1 / row["flops_ratio"]
+        row["speedup_of_ideal"] = row["prefill_speedup"] / row["flops_speedup"]
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| tokens | prefill ms | x dense | scoring % of dense prefill | decode tok/s | x dense | KV MiB | "
-             "x dense | FLOPs x dense |",
+    lines = ["| tokens | LLM tokens | prefill ms | speedup | FLOPs-ideal speedup | speedup / ideal | "
+             "scoring % of dense prefill | decode tok/s | KV MiB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['tokens']} | failed: {row['error']} ||||||||")
             continue
-        lines.append(f"| {row['tokens']} | {row['prefill_ms']:.0f} | {row['prefill_ms_ratio']:.2f} | "
-                     f"{100 * row['scoring_share_of_dense_prefill']:.1f} | "
-                     f"{row['decode_tok_s']:.2f} | {row['decode_tok_s_ratio']:.2f} | {row['kv_bytes'] / 2**20:.1f} | "
-                     f"{row['kv_bytes_ratio']:.2f} | {row['flops_ratio']:.2f} |")
+        lines.append(f"| {row['tokens']} | {row['llm_tokens_after_pruning']} | {row['prefill_ms']:.0f} | "
+                     f"{row['prefill_speedup']:.2f} | {row['flops_speedup']:.2f} | {row['speedup_of_ideal']:.2f} | "
+                     f"{100 * row['scoring_ms_ratio']:.1f} | {row['decode_tok_s']:.2f} | "
+                     f"{row['kv_bytes'] / 2**20:.1f} |")
     return "\n".join(lines)
+
+
+def machine_line(report: dict) -> str:
+    m = report["machine"]
+    load = ", ".join(f"{x:.2f}" for x in m["load_before"])
+    busy = " (busy: above 1.5, other jobs ran beside it)" if m["load_before"][0] > 1.5 else ""
+    return (f"{report['model']}; {report['visual_tokens']} visual + {report['text_tokens']} text tokens; "
+            f"{report['dtype']} on {m['device']}{' (' + m['gpu'] + ')' if m['gpu'] else ''}, "
+            f"{m['torch_threads']} thread(s), torch {report['torch']}; medians of {report['rounds']} interleaved "
+            f"rounds; 1/5/15-min load before the run {load}{busy}; {report['seconds']} s in all.")
+
+
+def write_markdown(path: Path, name: str, text: str) -> None:
+    """Replace the block between ``<!-- speed:NAME -->`` and ``<!-- /speed:NAME -->`` (appended when absent)."""
+    start, end = f"<!-- speed:{name} -->", f"<!-- /speed:{name} -->"
+    doc = path.read_text()
+    block = f"{start}\n{text}\n{end}"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    path.write_text(pattern.sub(lambda _: block, doc) if pattern.search(doc) else f"{doc.rstrip()}\n\n{block}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,13 +283,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llm-layers", type=int, default=4)
     parser.add_argument("--vision-layers", type=int, default=6)
     parser.add_argument("--text-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (medians over rounds)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (medians over rounds)")
     parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated for the decode rate")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--keeps", type=int, nargs="*", default=list(DEFAULT_KEEPS),
+                        help="kept visual-token counts for the default method set")
     parser.add_argument("--tokens", nargs="*", metavar="SPEC", help="token methods (default: every registered one)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "speed.json")
+    parser.add_argument("--profile", action="store_true", help="profile one prefill per setting instead of timing")
+    parser.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/speed[_profile].json)")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the table into this file's speed block")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or Path(__file__).parent / "results" / ("speed_profile.json" if args.profile else "speed.json")
+    load_before = list(os.getloadavg())
 
     dtype = getattr(torch, args.dtype)
     preset = reduced_preset(args.llm_layers, args.vision_layers)
@@ -194,34 +308,41 @@ def main(argv: list[str] | None = None) -> int:
     companion_dir = tempfile.TemporaryDirectory(prefix="vlmprune-speed-")   # removed when the run ends
     install_text_companion(model, Path(companion_dir.name))
     inputs = {k: v.to(args.device) for k, v in real_inputs(preset, args.text_tokens, dtype).items()}
-    bytes_per_value = torch.empty((), dtype=dtype).element_size()
-    rows, failed = [], []
-    for spec in [None, *(default_specs() if args.tokens is None else args.tokens)]:
-        print(f"measuring {spec or 'dense'} ...", file=sys.stderr, flush=True)
-        try:
-            rows.append(static_measures(model, preset, inputs, spec, args.text_tokens, bytes_per_value))
-        except (VlmpruneError, RuntimeError, ValueError, NotImplementedError) as exc:
-            if spec is None:
-                raise
-            rows = [row for row in rows if row["tokens"] != spec]
-            failed.append({"tokens": spec, "error": str(exc).splitlines()[0][:160]})
-    print(f"timing {len(rows)} settings x {args.repeats} rounds ...", file=sys.stderr, flush=True)
-    timed_rounds(model, inputs, rows, args.repeats, args.new_tokens)
-    rows = with_static_ratios(rows) + failed
+    specs = args.tokens if args.tokens is not None else (list(PROFILED) if args.profile else default_specs(args.keeps))
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "torch_threads": torch.get_num_threads(), "device": args.device,
+               "torch_threads": torch.get_num_threads(), "device": args.device, "load_before": load_before,
                "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None}
     report = {"model": preset.name, "visual_tokens": preset.geometry.llm_tokens, "text_tokens": args.text_tokens,
-              "dtype": args.dtype, "rounds": args.repeats, "new_tokens": args.new_tokens, "machine": machine,
-              "torch": torch.__version__, "seconds": round(time.time() - started, 1), "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"{preset.name}; {preset.geometry.llm_tokens} visual + {args.text_tokens} text tokens; {args.dtype} on "
-          f"{args.device}; medians of {args.repeats} interleaved rounds")
-    print(table(rows))
-    print(f"wrote {args.out}")
+              "dtype": args.dtype, "rounds": 1 if args.profile else args.repeats, "new_tokens": args.new_tokens,
+              "machine": machine, "torch": torch.__version__}
+    if args.profile:
+        rows = profile_rows(model, inputs, [None, *specs])
+        text = profile_table(rows)
+    else:
+        bytes_per_value = torch.empty((), dtype=dtype).element_size()
+        rows, failed = [], []
+        for spec in [None, *specs]:
+            print(f"measuring {spec or 'dense'} ...", file=sys.stderr, flush=True)
+            try:
+                rows.append(static_measures(model, preset, inputs, spec, args.text_tokens, bytes_per_value))
+            except (VlmpruneError, RuntimeError, ValueError, NotImplementedError) as exc:
+                if spec is None:
+                    raise
+                rows = [row for row in rows if row["tokens"] != spec]
+                failed.append({"tokens": spec, "error": str(exc).splitlines()[0][:160]})
+        print(f"timing {len(rows)} settings x {args.repeats} rounds ...", file=sys.stderr, flush=True)
+        timed_rounds(model, inputs, rows, args.repeats, args.new_tokens)
+        rows = with_static_ratios(rows) + failed
+        text = table(rows)
+    report.update(seconds=round(time.time() - started, 1), results=rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    text = f"{machine_line(report)}\n\n{text}"
+    print(text)
+    if args.markdown:
+        write_markdown(args.markdown, out.stem, text)
+    print(f"wrote {out}" + (f" and the {out.stem} block of {args.markdown}" if args.markdown else ""))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
