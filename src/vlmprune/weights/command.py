@@ -137,8 +137,11 @@ def run_offloaded(args: argparse.Namespace, method, nsamples: int) -> int:
     calibration = (toyworld.calibration(processor, n=nsamples, seed=args.seed)
                    if method.needs_calibration else None)
     source = dense_source(args.model, SimpleNamespace(config=AutoConfig.from_pretrained(directory)))
-    record = lambda report: {**run_record(report, source, args.targets, args.ignore, args.calib,  # noqa: E731
-                                          len(calibration) if calibration else 0), "offload": args.offload}
+
+    def record(report) -> dict:
+        return {**run_record(report, source, args.targets, args.ignore, args.calib,
+                             len(calibration) if calibration else 0), "offload": args.offload}
+
     report = prune_offloaded(directory, method, calibration, args.out, offload=args.offload, record=record,
                              processor=processor, targets=args.targets, ignore=args.ignore, device=args.device,
                              dtype=getattr(torch, args.dtype) if args.dtype else stored_dtype(args.model),

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from ..errors import VlmpruneError
 
@@ -47,7 +48,11 @@ class Checkpoint:
         from safetensors import safe_open
         from safetensors.torch import _getdtype
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
 
         self.directory = Path(directory)
         index = self.directory / INDEX
@@ -67,7 +72,7 @@ class Checkpoint:
         self.dtype: dict[str, Any] = {}         # checkpoint key -> stored torch dtype
         for file in files:
             with safe_open(self.directory / file, "pt") as handle:
-                for key in handle.keys():
+                for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
                     name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, names)
                     if converted is not None:
                         raise VlmpruneError(f"{key} of {directory} is converted on load (not only renamed): "
