@@ -32,7 +32,10 @@ def lmms_eval_run(tmp_path_factory):
                "--output_path", str(out / "results"), "--log_samples"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (results_file,) = (out / "results").rglob("*_results.json")
+    # lmms-eval reports an error during evaluation in its log and still exits 0
+    found = list((out / "results").rglob("*_results.json"))
+    assert len(found) == 1, "lmms-eval wrote no results: " + result.stderr[-3000:]
+    (results_file,) = found
     samples = {}
     for path in (out / "results").rglob("*_samples_*.jsonl"):
         rows = sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda row: row["doc_id"])
