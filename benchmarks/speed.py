@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import platform
 import re
@@ -51,6 +52,7 @@ from vlmprune.models import companions
 from vlmprune.models.presets import Preset, get_preset
 
 DEFAULT_KEEPS = (64, 128)     # of 576 visual tokens: IVTP's main budget and the 2n rule's threshold
+COST_SPECS = ("fastv:keep=64", "ivtp:keep=64")
 PROFILED = ("fastv:keep=64", "ivtp:keep=64", "divprune:keep=64", "fastervlm:keep=64")
 # CLIP ViT-L/14-336's text tower and projection (the hub model LLaVA-1.5's companion table names)
 CLIP_L_336_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -231,6 +233,121 @@ def profile_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA's allocator peak on a GPU; on the CPU the resident
+    set sampled every millisecond by a thread (large tensors are mapped and unmapped one by one, so
+    the sampled peak follows the live tensors; a short spike between samples can be missed)."""
+
+    def __init__(self, device: str):
+        self.device, self.peak, self._stop = device, 0, None
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as stat:
+            return int(stat.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        import threading
+        self._base, self._top, self._stop = self._rss(), 0, threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self._top = max(self._top, self._rss())
+                self._stop.wait(0.001)
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._top, self._rss()) - self._base
+
+
+def cost_rows(args, dtype, specs: list[str]) -> list[dict]:
+    """Prefill time and peak memory against the visual-token count: a LLaVA-1.5-7B-width model per
+    image size (square CLIP grids: side / 14 patches a side), dense and each method alternating."""
+    rows = []
+    for tokens_count in args.visual_tokens:
+        side = math.isqrt(tokens_count)
+        if side * side != tokens_count:
+            raise SystemExit(f"--visual-tokens {tokens_count}: LLaVA-1.5's CLIP grid is square; use a square count")
+        preset = reduced_preset(args.llm_layers, args.vision_layers)
+        preset.config.vision_config.image_size = 14 * side
+        preset.image_size = (14 * side, 14 * side)
+        preset.name += f", {14 * side} px"
+        torch.manual_seed(0)
+        print(f"{tokens_count} visual tokens ...", file=sys.stderr, flush=True)
+        model = AutoModelForImageTextToText.from_config(preset.config, dtype=dtype).to(args.device).eval()
+        companion_dir = tempfile.TemporaryDirectory(prefix="vlmprune-speed-")
+        install_text_companion(model, Path(companion_dir.name))
+        inputs = {k: v.to(args.device) for k, v in real_inputs(preset, args.text_tokens, dtype).items()}
+        methods = [None, *(tokens.from_spec(spec) for spec in specs)]
+        clocks = [ScoringClock(method) if method else None for method in methods]
+        times, scoring, peaks = ([[] for _ in methods] for _ in range(3))
+        for index, method in enumerate(methods):  # warm-up (IVTP loads its text encoder), then one prefill's peak
+            prefill_ms(model, inputs, method, repeats=1, warmup=0)
+            with PeakMemory(args.device) as memory:
+                prefill_ms(model, inputs, method, repeats=1, warmup=0)
+            peaks[index] = memory.peak
+        for clock in clocks:
+            if clock:
+                clock.lap()
+        for _ in range(args.repeats):
+            for index, (method, clock) in enumerate(zip(methods, clocks)):
+                times[index].append(prefill_ms(model, inputs, method, repeats=1, warmup=0))
+                scoring[index].append(clock.lap() if clock else 0.0)
+        for index, spec in enumerate([None, *specs]):
+            rows.append({"visual_tokens": tokens_count, "tokens": spec or "dense",
+                         "prefill_ms": statistics.median(times[index]),
+                         "prefill_ms_ratio": statistics.median(t / d for t, d in zip(times[index], times[0])),
+                         "scoring_ms": statistics.median(scoring[index]),
+                         "scoring_ms_ratio": statistics.median(s / d for s, d in zip(scoring[index], times[0])),
+                         "peak_bytes": peaks[index]})
+        del model
+    return rows
+
+
+def cost_table(rows: list[dict]) -> str:
+    lines = ["| visual tokens | tokens | prefill ms | x dense | scoring ms | scoring % of dense prefill | "
+             "peak memory above the model, MiB |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['visual_tokens']} | {row['tokens']} | {row['prefill_ms']:.0f} | "
+                     f"{row['prefill_ms_ratio']:.2f} | {row['scoring_ms']:.0f} | {100 * row['scoring_ms_ratio']:.1f} | "
+                     f"{row['peak_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
+def cost_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in dict.fromkeys(row["tokens"] for row in rows):
+        mine = [row for row in rows if row["tokens"] == name]
+        counts = [row["visual_tokens"] for row in mine]
+        left.plot(counts, [row["prefill_ms"] / 1000 for row in mine], marker="o", label=name)
+        right.plot(counts, [row["peak_bytes"] / 2**30 for row in mine], marker="o", label=name)
+        if any(row["scoring_ms"] for row in mine):
+            left.plot(counts, [row["scoring_ms"] / 1000 for row in mine], marker="x", linestyle=":",
+                      label=f"{name}: scoring alone")
+    left.set(xlabel="visual tokens", ylabel="prefill s (median)", title="prefill time")
+    right.set(xlabel="visual tokens", ylabel="GiB above the loaded model", title="peak memory of one prefill")
+    left.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def with_static_ratios(rows: list[dict]) -> list[dict]:
     """Ratios against dense, and the speedups: measured, FLOPs-ideal, and the share of the ideal
     that the measured one reaches."""
@@ -292,15 +409,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="kept visual-token counts for the default method set")
     parser.add_argument("--tokens", nargs="*", metavar="SPEC", help="token methods (default: every registered one)")
     parser.add_argument("--profile", action="store_true", help="profile one prefill per setting instead of timing")
+    parser.add_argument("--visual-tokens", type=int, nargs="*", default=None, metavar="N",
+                        help="cost curve instead: prefill time and memory at these visual-token counts (squares)")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/speed[_profile].json)")
     parser.add_argument("--markdown", type=Path, default=None, help="write the table into this file's speed block")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or Path(__file__).parent / "results" / ("speed_profile.json" if args.profile else "speed.json")
+    stem = "speed_profile" if args.profile else "speed_cost" if args.visual_tokens else "speed"
+    out = args.out or Path(__file__).parent / "results" / f"{stem}.json"
     load_before = list(os.getloadavg())
 
     dtype = getattr(torch, args.dtype)
+    if args.visual_tokens:
+        return cost_main(args, dtype, out, load_before)
     preset = reduced_preset(args.llm_layers, args.vision_layers)
     torch.manual_seed(0)
     started = time.time()
@@ -343,6 +465,27 @@ def main(argv: list[str] | None = None) -> int:
         write_markdown(args.markdown, out.stem, text)
     print(f"wrote {out}" + (f" and the {out.stem} block of {args.markdown}" if args.markdown else ""))
     return 0
+
+
+def cost_main(args, dtype, out: Path, load_before: list[float]) -> int:
+    started = time.time()
+    rows = cost_rows(args, dtype, args.tokens if args.tokens is not None else list(COST_SPECS))
+    machine = {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "device": args.device,
+               "load_before": load_before, "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None}
+    report = {"model": reduced_preset(args.llm_layers, args.vision_layers).name, "visual_tokens": args.visual_tokens,
+              "text_tokens": args.text_tokens, "dtype": args.dtype, "rounds": args.repeats, "machine": machine,
+              "torch": torch.__version__, "seconds": round(time.time() - started, 1), "results": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    plot = out.with_suffix(".png")
+    cost_plot(rows, plot)
+    text = f"{machine_line(report)}\n\n{cost_table(rows)}\n\n![prefill time and memory against visual tokens]({plot.name})"
+    print(text)
+    if args.markdown:
+        write_markdown(args.markdown, out.stem, text)
+    print(f"wrote {out} and {plot}")
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
