@@ -75,7 +75,7 @@ def test_cli_offload_errors_exit_2(tmp_path, capsys, argv, text):
 
 
 def test_a_directory_without_safetensors_is_one_line(tmp_path):
-    model, make = build_tiny("llava", seed=0)
+    model, _ = build_tiny("llava", seed=0)
     model.config.save_pretrained(tmp_path / "config-only")
     with pytest.raises(VlmpruneError, match="no safetensors weights"):
         prune_offloaded(tmp_path / "config-only", vp.weights.from_spec("magnitude"), None, tmp_path / "out")
@@ -117,13 +117,13 @@ def _capped(mode: str, source, out) -> subprocess.CompletedProcess:
     (glibc otherwise keeps freed large blocks in its heap, and the cap would count those too)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
     return subprocess.run([sys.executable, "-c", CAPPED, mode, str(source), str(out), str(CAP)],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
 
 
 def test_disk_offload_prunes_under_a_memory_cap_the_in_memory_prune_exceeds(tmp_path):
     """16 decoder blocks of 8.4 MiB each (135 MiB, float32) against a 128 MiB cap on the address space."""
-    model, make = build_tiny("llava", seed=0, text_config=dict(hidden_size=384, intermediate_size=1536,
-                                                                num_hidden_layers=16))
+    model, make = build_tiny("llava", seed=0, text_config={"hidden_size": 384, "intermediate_size": 1536,
+                                                                "num_hidden_layers": 16})
     blocks = sum(p.numel() * p.element_size() for p in model.model.language_model.layers.parameters())
     assert blocks > CAP
     source = tmp_path / "source"
