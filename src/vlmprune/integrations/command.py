@@ -3,6 +3,10 @@
 lmms-eval already finds the ``vlmprune`` model through its entry point; what it cannot find by itself
 is the toy tasks' folder, so this adds ``--include_path`` with it (unless given) and hands every
 argument, unchanged, to lmms-eval's CLI. ``lmms-eval ... --include_path <folder>`` is the same run.
+
+The exit status is lmms-eval's own, and lmms-eval 0.7.3 exits 0 after an exception during evaluation
+(it logs "Error during evaluation" and writes no results): read its log, or pass ``--verbosity DEBUG``
+to have it raise.
 """
 from __future__ import annotations
 
