@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import toyworld
 from ..errors import VlmpruneError
+from ..progress import progress as report_progress
 from . import dense_cache
 from .normalize import is_correct
 from .retention import retention
@@ -93,7 +93,7 @@ def generate_answers(model, processor, items: Sequence, batch_size: int = 32,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     replies: list[str] = []
     starts = range(0, len(items), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+    for start in report_progress(starts, desc=desc, unit="batch", enabled=progress):
         batch = items[start:start + batch_size]
         inputs = model_inputs(processor, [item.image for item in batch], [item.question for item in batch],
                               model.device, model.dtype)

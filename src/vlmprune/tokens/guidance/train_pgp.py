@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ...errors import VlmpruneError
+from ...progress import progress as report_progress
 from ..scorers import gather_tokens
 from .pairing import load_small, visual_positions
 from .pgp import PGPGuide, PGPSettings, image_last, visual_tokens_apart
@@ -159,14 +159,12 @@ def train_pgp(out: str, base: str = "toy-small", training: PGPTraining | None = 
     guide.train()
     started = time.time()
     curve = []   # (step, beta, ce, kl) every LOG_EVERY steps, saved beside the guide
-    bar = tqdm(range(training.steps), desc="train-pgp", unit="step", disable=not progress)
-    for step in bar:
+    for step in report_progress(range(training.steps), desc="train-pgp", unit="step", enabled=progress):
         beta = beta_at(step, training.steps, training.tau_max, training.tau_min, training.gamma, training.warmup)
         losses = pgp_losses(guide, qa_batch(processor, guide.small, rng, training.batch), beta)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
-        bar.set_postfix(ce=f"{losses['ce'].item():.3f}", kl=f"{losses['kl'].item():.2f}", beta=f"{beta:.2f}")
         if step % LOG_EVERY == 0 or step == training.steps - 1:
             curve.append([step, beta, round(losses["ce"].item(), 4), round(losses["kl"].item(), 4)])
     guide.eval()
