@@ -317,8 +317,8 @@ def cost_rows(args, dtype, specs: list[str]) -> list[dict]:
 
 
 def cost_table(rows: list[dict]) -> str:
-    lines = ["| visual tokens | tokens | prefill ms | x dense | scoring ms | scoring % of dense prefill | "
-             "peak memory above the model, MiB |", "|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [("| visual tokens | tokens | prefill ms | x dense | scoring ms | scoring % of dense prefill | "
+              "peak memory above the model, MiB |"), "|---:|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(f"| {row['visual_tokens']} | {row['tokens']} | {row['prefill_ms']:.0f} | "
                      f"{row['prefill_ms_ratio']:.2f} | {row['scoring_ms']:.0f} | {100 * row['scoring_ms_ratio']:.1f} | "
@@ -362,8 +362,8 @@ def with_static_ratios(rows: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| tokens | LLM tokens | prefill ms | speedup | FLOPs-ideal speedup | speedup / ideal | "
-             "scoring % of dense prefill | decode tok/s | KV MiB |",
+    lines = [("| tokens | LLM tokens | prefill ms | speedup | FLOPs-ideal speedup | speedup / ideal | "
+              "scoring % of dense prefill | decode tok/s | KV MiB |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         if "error" in row:
@@ -391,7 +391,7 @@ def write_markdown(path: Path, name: str, text: str) -> None:
     start, end = f"<!-- speed:{name} -->", f"<!-- /speed:{name} -->"
     doc = path.read_text()
     block = f"{start}\n{text}\n{end}"
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
     path.write_text(pattern.sub(lambda _: block, doc) if pattern.search(doc) else f"{doc.rstrip()}\n\n{block}\n")
 
 
@@ -413,7 +413,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="cost curve instead: prefill time and memory at these visual-token counts (squares)")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/speed[_profile].json)")
     parser.add_argument("--markdown", type=Path, default=None, help="write the table into this file's speed block")
+    parser.add_argument("--render", type=Path, nargs="*", metavar="JSON",
+                        help="measure nothing: write the tables of these result files into --markdown")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        for path in args.render:
+            render(path, args.markdown)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     stem = "speed_profile" if args.profile else "speed_cost" if args.visual_tokens else "speed"
@@ -439,7 +445,6 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine, "torch": torch.__version__}
     if args.profile:
         rows = profile_rows(model, inputs, [None, *specs])
-        text = profile_table(rows)
     else:
         bytes_per_value = torch.empty((), dtype=dtype).element_size()
         rows, failed = [], []
@@ -455,16 +460,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"timing {len(rows)} settings x {args.repeats} rounds ...", file=sys.stderr, flush=True)
         timed_rounds(model, inputs, rows, args.repeats, args.new_tokens)
         rows = with_static_ratios(rows) + failed
-        text = table(rows)
     report.update(seconds=round(time.time() - started, 1), results=rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    text = f"{machine_line(report)}\n\n{text}"
+    text = report_text(report, out)
     print(text)
     if args.markdown:
         write_markdown(args.markdown, out.stem, text)
     print(f"wrote {out}" + (f" and the {out.stem} block of {args.markdown}" if args.markdown else ""))
     return 0
+
+
+def report_text(report: dict, path: Path) -> str:
+    """The machine line and the table of a result file, whichever mode wrote it."""
+    rows = report["results"]
+    if rows and "steps_ms" in rows[0]:
+        body = profile_table(rows)
+    elif rows and "peak_bytes" in rows[0]:
+        body = f"{cost_table(rows)}\n\n![prefill time and memory against visual tokens](../benchmarks/results/{path.stem}.png)"
+    else:
+        body = table(rows)
+    return f"{machine_line(report)}\n\n{body}"
+
+
+def render(path: Path, markdown: Path | None) -> None:
+    text = report_text(json.loads(path.read_text()), path)
+    print(text)
+    if markdown:
+        write_markdown(markdown, path.stem, text)
 
 
 def cost_main(args, dtype, out: Path, load_before: list[float]) -> int:
@@ -479,7 +502,7 @@ def cost_main(args, dtype, out: Path, load_before: list[float]) -> int:
     out.write_text(json.dumps(report, indent=2))
     plot = out.with_suffix(".png")
     cost_plot(rows, plot)
-    text = f"{machine_line(report)}\n\n{cost_table(rows)}\n\n![prefill time and memory against visual tokens]({plot.name})"
+    text = report_text(report, out)
     print(text)
     if args.markdown:
         write_markdown(args.markdown, out.stem, text)
