@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from token_results import canonical  # noqa: E402  (one SPEC key per configuration, shared with that script)
+from token_results import canonical, plot_tradeoff  # noqa: E402  (shared with that script)
 
 from vlmprune import toyworld  # noqa: E402
 from vlmprune.eval import statistics  # noqa: E402
@@ -348,25 +348,11 @@ def curve_grid(results: dict) -> dict[str, dict[float, dict]]:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for name, by_budget in curve_grid(results).items():
-        points = sorted((r["flops"]["total"] / 1e9, r["retention"]) for r in by_budget.values())
-        bold = name in ("ivtp", "ivtp_plus", "cdpruner", "divprune")
-        ax.plot(*zip(*points), marker="o", label=name, linewidth=2.2 if bold else 1, alpha=1 if bold else 0.7)
-    dense = _run(results, None)
-    ax.axvline(dense["flops"]["total"] / 1e9, color="grey", linestyle=":", label="dense")
-    ax.axhline(100, color="grey", linestyle="--", linewidth=0.8)
-    ax.set_xlabel(f"counted GFLOPs per prefill ({results['setup']['model']})")
-    ax.set_ylabel("retention of dense accuracy (%), full test split")
-    ax.set_title("Retention vs counted FLOPs at 5 / 11 / 22 / 33% of the visual tokens kept")
-    ax.legend(ncol=2, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    curves = {name: [(r["flops"]["total"] / 1e9, r["retention"]) for r in by_budget.values()]
+              for name, by_budget in curve_grid(results).items()}
+    plot_tradeoff(path, curves, _run(results, None)["flops"]["total"] / 1e9, results["setup"]["model"],
+                  "Retention vs counted FLOPs at 5 / 11 / 22 / 33% of the visual tokens kept",
+                  "retention of dense accuracy (%), full test split", bold=("ivtp", "ivtp_plus", "cdpruner", "divprune"))
 
 
 def by_type(results: dict, run: dict) -> dict[str, tuple[int, int]]:

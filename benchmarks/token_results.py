@@ -229,25 +229,35 @@ def _main_grid(results: dict) -> dict[str, dict[float, dict]]:
     return grid
 
 
-def plot(results: dict, path: Path) -> None:
+def plot_tradeoff(path: Path, curves: dict[str, list[tuple[float, float]]], dense_gflops: float, model: str,
+                  title: str, ylabel: str, bold: tuple[str, ...]) -> None:
+    """Retention against counted GFLOPs, one line per method (``curves``: name -> (GFLOPs, retention)
+    points), the ``bold`` methods drawn heavier, the dense model's FLOPs and 100% as guides."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for name, by_budget in _main_grid(results).items():
-        points = sorted((run["flops"]["total"] / 1e9, run["retention"] or 0.0) for run in by_budget.values())
-        style = dict(linewidth=2.5, color="tab:blue", zorder=5) if name == "ivtp" else dict(linewidth=1, alpha=0.8)
-        ax.plot(*zip(*points), marker="o", label=name, **style)
-    ax.axvline(results["runs"]["dense"]["flops"]["total"] / 1e9, color="grey", linestyle=":", label="dense")
+    for name, points in curves.items():
+        style = dict(linewidth=2.5, zorder=5) if name in bold else dict(linewidth=1, alpha=0.8)
+        ax.plot(*zip(*sorted(points)), marker="o", label=name, **style)
+    ax.axvline(dense_gflops, color="grey", linestyle=":", label="dense")
     ax.axhline(100, color="grey", linestyle="--", linewidth=0.8)
-    ax.set_xlabel(f"counted GFLOPs per prefill ({results['setup']['model']})")
-    ax.set_ylabel("retention of dense accuracy (%)")
-    ax.set_title("Retention vs FLOPs at 50 / 25 / 11 / 3% of the visual tokens")
+    ax.set_xlabel(f"counted GFLOPs per prefill ({model})")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot(results: dict, path: Path) -> None:
+    curves = {name: [(run["flops"]["total"] / 1e9, run["retention"] or 0.0) for run in by_budget.values()]
+              for name, by_budget in _main_grid(results).items()}
+    plot_tradeoff(path, curves, results["runs"]["dense"]["flops"]["total"] / 1e9, results["setup"]["model"],
+                  "Retention vs FLOPs at 50 / 25 / 11 / 3% of the visual tokens", "retention of dense accuracy (%)",
+                  bold=("ivtp",))
 
 
 IMPLEMENTATION_NOTES = """## How the methods are implemented
