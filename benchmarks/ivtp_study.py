@@ -2,7 +2,11 @@
 retention-FLOPs curve at 5/11/22/33% kept against the baselines, paired McNemar tests, counting by
 question type with a kept-token probe, and the instruction's effect at equal tokens into the LLM.
 
-    .venv/bin/python benchmarks/ivtp_study.py --threads 1 [--part all|sweep|curve|corrections] [--report-only]
+    .venv/bin/python benchmarks/ivtp_study.py --threads 1 [--part all|sweep|curve|corrections|single] [--report-only]
+
+``--part single``: IVTP+ as one selection (``at=feature``/``input``, ``fill``, ``merge``), chosen on the
+validation split among the settings that cost no more counted FLOPs than DivPrune at 11%, then that
+one choice against DivPrune and CDPruner on the test split.
 
 Every run is journaled to ``docs/results/ivtp_study.json`` as it finishes (keyed by split and the
 method's full SPEC) and skipped on a rerun; ``ivtp_study.md`` and ``ivtp_tradeoff.png`` are written
@@ -39,6 +43,7 @@ PAIRS = [("ivtp_plus", "divprune"), ("ivtp_plus", "cdpruner"), ("ivtp", "divprun
 PLUS_STEPS = ("relevant", "spread_at")
 VISION_DEPTH = 5   # toy-large's LLM reads the output of ViT layer 5 (index 4): IVTP's ViT sites are after 3 and 5
 PROBED = ("ivtp", "ivtp_paper", "ivtp_plus", "divprune", "cdpruner")
+SINGLE_RIVALS = ("divprune", "cdpruner")
 
 
 # ---------------------------------------------------------------- what runs
@@ -220,6 +225,46 @@ def flops_matched(model, processor, name: str, flops: float) -> str:
     return f"{name}:keep=100"
 
 
+def single_steps() -> list[tuple[str, dict[str, str]]]:
+    """IVTP+ as one selection (no ViT or LLM pruning), coordinate ascent from ``at=feature``: each step
+    (setting, {label: SPEC suffix}); ``at=input`` needs ``rollout=layer`` to come near DivPrune's FLOPs."""
+    return [
+        ("fill", {"grid": "fill=grid", "diverse": "fill=diverse"}),
+        ("relevant", {str(r): f"relevant={r}" for r in (0.1, 0.25, 0.5, 0.75)}),
+        ("rollout", {"residual": "rollout=residual", "layer": "rollout=layer"}),
+        ("merge", {"drop": "merge=drop", "mean": "merge=mean"}),
+        ("at", {"feature": "at=feature", "input": "at=input,rollout=layer"}),
+    ]
+
+
+def choose_single(results: dict, keep: int) -> dict:
+    """The single-selection settings with the highest validation retention among those whose counted
+    FLOPs are at most DivPrune's at the same keep (a tie keeps the earlier); stops where a step has
+    not run yet. Options over the budget are run and shown, never chosen."""
+    cap = results["runs"].get("validation " + canonical(f"divprune:keep={keep}"))
+    if cap is None:
+        return {"chosen": [], "rows": [], "complete": False, "missing": [f"divprune:keep={keep}"]}
+    chosen, rows = ["at=feature"], []
+    for step, options in single_steps():
+        def on_top(setting: str) -> list[str]:   # an option replaces the chosen settings of the same names
+            names = {part.partition("=")[0] for part in setting.split(",")}
+            return [s for s in chosen if s.partition("=")[0] not in names] + [setting]
+        specs = {label: _spec("ivtp_plus", keep, on_top(setting)) for label, setting in options.items()}
+        missing = [spec for spec in specs.values() if "validation " + canonical(spec) not in results["runs"]]
+        if missing:
+            return {"chosen": chosen, "rows": rows, "complete": False, "missing": missing}
+        done = {label: results["runs"]["validation " + canonical(spec)] for label, spec in specs.items()}
+        within = [label for label in done if done[label]["flops"]["total"] <= cap["flops"]["total"]]
+        best = max(within, key=lambda label: done[label]["retention"]) if within else None
+        rows += [{"step": step, "label": label, "spec": specs[label], "retention": run["retention"],
+                  "gflops": run["flops"]["total"] / 1e9, "within": label in within, "chosen": label == best}
+                 for label, run in done.items()]
+        if best is not None:
+            chosen = on_top(options[best])
+    return {"chosen": chosen, "spec": _spec("ivtp_plus", keep, chosen), "rows": rows, "complete": True,
+            "cap_gflops": cap["flops"]["total"] / 1e9, "cap_retention": cap["retention"]}
+
+
 # ---------------------------------------------------------------- choosing on the validation split
 
 def choose(results: dict, keep: int) -> dict:
@@ -275,6 +320,19 @@ def run(args) -> dict:
                   f"GFLOPs {result['flops']['total'] / 1e9:.3f} ({result['seconds']:.0f} s)", flush=True)
         return results["runs"][key]
 
+    if args.part == "single":
+        measure(None, "validation")
+        for rival in SINGLE_RIVALS:
+            measure(f"{rival}:keep={keep}", "validation")
+        while not (single := choose_single(results, keep))["complete"]:
+            for spec in single["missing"]:
+                measure(spec, "validation")
+        results["single"] = single
+        measure(None)
+        for spec in [single["spec"], *(f"{rival}:keep={keep}" for rival in SINGLE_RIVALS)]:
+            measure(spec)           # the one test-split confirmation of the validation choice
+        save()
+        return results
     if args.part in ("all", "sweep"):
         measure(None, "validation")
         while not (picked := choose(results, keep))["complete"]:
@@ -442,6 +500,9 @@ def report(results: dict) -> str:
                  "centre+background": "each object's centre patch, the rest background (spread)"}
         lines += [f"| {names[rule]} | {o['mean_kept']:.1f} | {_pct(o['accuracy'])} [{_pct(o['interval'][0])}, "
                   f"{_pct(o['interval'][1])}] |" for rule, o in probes["oracle"].items()]
+    single = results.get("single")
+    if single and single.get("complete"):
+        lines += single_report(results, single)
     lines += ["", "## The instruction's effect at equal tokens into the LLM (test split, 11% kept)", ""]
     for title, table in correction_specs(11, sweep["chosen"]).items():
         done = {label: _run(results, spec) for label, spec in table.items() if _run(results, spec)}
@@ -459,6 +520,30 @@ def report(results: dict) -> str:
                          + (f"{test['b']}/{test['c']}, p={statistics.format_p(test['p'])}" if test else "") + " |")
         lines += [""]
     return "\n".join(lines) + "\n"
+
+
+def single_report(results: dict, single: dict) -> list[str]:
+    """The single-selection IVTP+ sweep (validation) and its one test-split confirmation."""
+    lines = ["", "## IVTP+ as one selection, within DivPrune's counted FLOPs (11 kept)", "",
+             f"Validation split; coordinate ascent from `at=feature`; only options at most DivPrune's "
+             f"{single['cap_gflops']:.4f} GFLOPs (validation retention {single['cap_retention']:.2f}%) can be chosen.", "",
+             "| step | setting | validation retention % | GFLOPs | within DivPrune's FLOPs | chosen |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['step']} | {r['label']} | {r['retention']:.2f} | {r['gflops']:.4f} | {'yes' if r['within'] else 'no'} | "
+              f"{'yes' if r['chosen'] else ''} |" for r in single["rows"]]
+    chosen = _run(results, single["spec"])
+    if chosen:
+        lines += ["", f"Test split, the chosen `{single['spec']}` once against the rivals (b: items only IVTP+ "
+                  "answers right; c: only the rival):", "",
+                  "| method | retention % | accuracy % [95%] | GFLOPs | IVTP+ vs it (b/c, p) |", "|---|---|---|---|---|",
+                  f"| IVTP+ (chosen) | {chosen['retention']:.2f} | {_interval(chosen)} | {chosen['flops']['total'] / 1e9:.4f} | |"]
+        for rival in SINGLE_RIVALS:
+            run = _run(results, f"{rival}:keep=11")
+            if run:
+                t = paired(chosen, run)
+                lines.append(f"| {rival} | {run['retention']:.2f} | {_interval(run)} | {run['flops']['total'] / 1e9:.4f} | "
+                             f"{t['b']}/{t['c']}, p={statistics.format_p(t['p'])} |")
+    return lines
 
 
 def into_llm(spec: str) -> int:
@@ -483,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="toy-large")
     parser.add_argument("--max-new-tokens", type=int, default=3, help="toy answers are a word and </s>")
-    parser.add_argument("--part", choices=("all", "sweep", "curve", "corrections"), default="all")
+    parser.add_argument("--part", choices=("all", "sweep", "curve", "corrections", "single"), default="all")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--report-only", action="store_true", help="rewrite ivtp_study.md and the plot from the JSON")
