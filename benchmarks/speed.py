@@ -1,7 +1,12 @@
 """Prefill latency, decode throughput, KV-cache bytes and FLOPs: dense against every token method.
 
 A random-weight LLaVA-1.5-7B with its real widths (4096-wide Llama, CLIP ViT-L/14-336, 32k vocab)
-but fewer layers (default 4 LLM, 6 vision), one 336 px image (576 visual tokens) and 64 text tokens.
+but a quarter of its depth (8 LLM, 6 vision layers: the real 32 : 24, so the vision tower's share of the
+work is the real model's), one 336 px image (576 visual tokens) and 64 text tokens. ``--model`` takes
+LLaVA-NeXT-8B (anyres, 2928 visual tokens) or Qwen2-VL-7B (576 after the 2x2 merge) instead, at an
+eighth of their depth, with the kept counts scaled to the same shares of the visual tokens.
+``--batch`` repeats the prompt: at batch 1 this CPU's matrix products on a pruned sequence's few rows
+are bound by streaming the weights, which the machine line's matmul probe shows; a batch fills them.
 Every number is also given as a ratio against dense in the same run; times are medians. The scoring
 share is the time spent inside the method's own scoring (``reduce`` and ``scoring_token``: attention
 reads, rollout, similarities, IVTP's text encoder) over the dense prefill time.
@@ -16,8 +21,11 @@ IVTP runs as plain ``ivtp:keep=64``: its text companion (CLIP ViT-L/14-336's tex
 768 wide) is found through ``vlmprune.models.companions`` like on a real checkpoint, here a random-weight
 stand-in of the real width saved to a temporary directory, so IVTP's recorded cost includes the text encoder.
 
-    python benchmarks/speed.py [--llm-layers 4] [--vision-layers 6] [--repeats 5] [--keeps 64 128]
-                               [--tokens SPEC ...] [--threads 1] [--markdown docs/BENCHMARKS.md] [--profile]
+    python benchmarks/speed.py [--model llava-1.5-7b] [--llm-layers 8] [--vision-layers 6] [--batch 1]
+                               [--repeats 5] [--keeps 64 128] [--tokens SPEC ...] [--threads 1]
+                               [--markdown docs/BENCHMARKS.md] [--profile] [--suite]
+
+``--suite`` runs the set ``make bench`` records (every table below, about 15 minutes on 2 cores).
 
 Prints a Markdown table and writes JSON (default benchmarks/results/speed.json, or speed_profile.json);
 with ``--markdown`` the table replaces the block between ``<!-- speed:NAME -->`` and
@@ -45,31 +53,42 @@ from transformers import AutoModelForImageTextToText, CLIPConfig, CLIPModel, Pre
 from vlmprune import tokens
 from vlmprune.errors import VlmpruneError
 from vlmprune.measure.flops import count_flops
-from vlmprune.measure.latency import attached, decode_tokens_per_s, prefill_ms
+from vlmprune.measure.latency import attached, decode_tokens_per_s, last_logits_only, median_seconds, prefill_ms
 from vlmprune.measure.memory import analytic_kv_cache_bytes, kv_cache_bytes
 from vlmprune.measure.meta import counting_inputs
 from vlmprune.models import companions
 from vlmprune.models.presets import Preset, get_preset
 
 DEFAULT_KEEPS = (64, 128)     # of 576 visual tokens: IVTP's main budget and the 2n rule's threshold
+REFERENCE_VISUAL = 576        # the kept counts above are of LLaVA-1.5's 576; other models scale them
 COST_SPECS = ("fastv:keep=64", "ivtp:keep=64")
-PROFILED = ("fastv:keep=64", "ivtp:keep=64", "divprune:keep=64", "fastervlm:keep=64")
+PROFILED = ("fastv", "ivtp", "divprune", "fastervlm")   # the methods timed on every model, and profiled
+# (LLM, vision) layers: a quarter of LLaVA-1.5-7B's 32 : 24 (the reference), an eighth of the others
+DEPTHS = {"llava-1.5-7b": (8, 6), "llava-next-8b": (4, 3), "qwen2-vl-7b": (4, 4)}
 # CLIP ViT-L/14-336's text tower and projection (the hub model LLaVA-1.5's companion table names)
 CLIP_L_336_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                        vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
 CLIP_L_336_PROJECTION = 768
 
 
-def default_specs(keeps=DEFAULT_KEEPS) -> list[str]:
-    """Every token method in the registry at run time, at every kept count (FastV at its layer 2)."""
-    return [f"{name}:keep={keep}" for keep in keeps for name in sorted(tokens.REGISTRY)]
+def default_specs(preset: Preset, keeps=DEFAULT_KEEPS) -> list[str]:
+    """At every kept count (of 576, scaled to the model's visual tokens): every token method in the
+    registry for LLaVA-1.5 (FastV at its layer 2), the :data:`PROFILED` ones for the other models."""
+    names = sorted(tokens.REGISTRY) if preset.family == "llava" else PROFILED
+    return [f"{name}:keep={scaled_keep(preset, keep)}" for keep in keeps for name in names]
 
 
-def reduced_preset(llm_layers: int, vision_layers: int) -> Preset:
-    preset = get_preset("llava-1.5-7b")
+def scaled_keep(preset: Preset, keep: int) -> int:
+    """``keep`` of 576 visual tokens as the same share of ``preset``'s."""
+    return round(keep * preset.geometry.llm_tokens / REFERENCE_VISUAL)
+
+
+def reduced_preset(name: str, llm_layers: int, vision_layers: int) -> Preset:
+    preset = get_preset(name)
     preset.config.text_config.num_hidden_layers = llm_layers
-    preset.config.vision_config.num_hidden_layers = vision_layers
-    preset.name = f"llava-1.5-7b widths, {llm_layers} LLM / {vision_layers} vision layers"
+    vision = preset.config.vision_config
+    setattr(vision, "depth" if hasattr(vision, "depth") else "num_hidden_layers", vision_layers)
+    preset.name = f"{name} widths, {llm_layers} LLM / {vision_layers} vision layers"
     return preset
 
 
@@ -82,34 +101,39 @@ def _word_tokenizer(size: int) -> PreTrainedTokenizerFast:
 
 def install_text_companion(model, directory: Path) -> None:
     """Save a random-weight CLIP of the real text width (its vision side the benchmark's tower config)
-    and word-level tokenizers to ``directory``; register the CLIP as LLaVA's text companion and the LLM
-    tokenizer as the model's own, as a real checkpoint directory would provide them."""
+    and word-level tokenizers to ``directory``; register the CLIP as the family's text companion and
+    the LLM tokenizer as the model's own, as a real checkpoint directory would provide them. Families
+    without a companion (Qwen2-VL) get the tokenizer only."""
+    _word_tokenizer(model.config.text_config.vocab_size).save_pretrained(directory / "llm")
+    model.config._name_or_path = str(directory / "llm")
+    if companions.TEXT_COMPANIONS.get(model.config.model_type) is None:
+        return
     config = CLIPConfig(text_config=CLIP_L_336_TEXT, vision_config=model.config.vision_config.to_dict(),
                         projection_dim=CLIP_L_336_PROJECTION)
     CLIPModel(config).save_pretrained(directory / "clip")
     _word_tokenizer(CLIP_L_336_TEXT["vocab_size"]).save_pretrained(directory / "clip")
-    _word_tokenizer(model.config.text_config.vocab_size).save_pretrained(directory / "llm")
-    companions.TEXT_COMPANIONS["llava"] = str(directory / "clip")
-    model.config._name_or_path = str(directory / "llm")
+    companions.TEXT_COMPANIONS[model.config.model_type] = str(directory / "clip")
 
 
-def real_inputs(preset: Preset, text_tokens: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The counting prompt with random pixels in place of the meta placeholders."""
+def real_inputs(preset: Preset, text_tokens: int, dtype: torch.dtype, batch: int = 1) -> dict[str, torch.Tensor]:
+    """The counting prompt with random pixels in place of the meta placeholders, ``batch`` copies."""
     generator = torch.Generator().manual_seed(0)
-    return {key: torch.randn(value.shape, generator=generator, dtype=dtype) if value.device.type == "meta" else value
-            for key, value in counting_inputs(preset, text_tokens).items()}
+    one = {key: torch.randn(value.shape, generator=generator, dtype=dtype) if value.device.type == "meta" else value
+           for key, value in counting_inputs(preset, text_tokens).items()}
+    return {key: torch.cat([value] * batch) for key, value in one.items()}
 
 
 def static_measures(model, preset, inputs, spec, text_tokens, bytes_per_value) -> dict:
     """KV-cache bytes (measured and analytic) and counted FLOPs: no timing, one run each (a method
     that cannot run on this model fails here, before the timed rounds)."""
-    counted = count_flops(preset, text_tokens, tokens.from_spec(spec) if spec else None)
+    counted = count_flops(preset, text_tokens, tokens.from_spec(spec) if spec else None, last_logits=True)
     return {
         "tokens": spec or "dense",
         "kv_bytes": kv_cache_bytes(model, inputs, tokens.from_spec(spec) if spec else None),
-        "kv_bytes_analytic": analytic_kv_cache_bytes(preset.config.text_config, counted.schedule, bytes_per_value),
+        "kv_bytes_analytic": inputs["input_ids"].shape[0] * analytic_kv_cache_bytes(
+            preset.config.text_config, counted.schedule, bytes_per_value),
         "flops": counted.flops.as_dict()["total"],
-        "llm_tokens_after_pruning": counted.schedule.head,
+        "llm_tokens_after_pruning": counted.schedule.llm[-1],
     }
 
 
@@ -154,6 +178,8 @@ def timed_rounds(model, inputs, rows: list[dict], rounds: int, new_tokens: int) 
             prefill[index].append(prefill_ms(model, inputs, method, repeats=1, warmup=0))
             scoring[index].append(clock.lap() if clock else 0.0)
             decode[index].append(decode_tokens_per_s(model, inputs, method, new_tokens=new_tokens, repeats=1, warmup=0))
+            if clock:
+                clock.lap()  # generate's own prefill scored again: not this round's prefill
     for row, times, scorer, rates in zip(rows, prefill, scoring, decode):
         row["prefill_ms"] = statistics.median(times)
         row["scoring_ms"] = statistics.median(scorer)
@@ -205,10 +231,10 @@ def profile_rows(model, inputs, specs: list[str | None]) -> list[dict]:
             for name in ("reduce", "scoring_token"):
                 _labelled(method, name, f"method.{name}")
         with attached(model, method), torch.no_grad():
-            model(**inputs, use_cache=True)
+            model(**inputs, use_cache=True, **last_logits_only(model))
             start = time.perf_counter()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-                model(**inputs, use_cache=True)
+                model(**inputs, use_cache=True, **last_logits_only(model))
             total = 1000 * (time.perf_counter() - start)
         events = profiler.key_averages()
         steps = {e.key: e.cpu_time_total / 1000 for e in events if e.key.split(".")[0] in
@@ -280,7 +306,7 @@ def cost_rows(args, dtype, specs: list[str]) -> list[dict]:
         side = math.isqrt(tokens_count)
         if side * side != tokens_count:
             raise SystemExit(f"--visual-tokens {tokens_count}: LLaVA-1.5's CLIP grid is square; use a square count")
-        preset = reduced_preset(args.llm_layers, args.vision_layers)
+        preset = reduced_preset("llava-1.5-7b", args.llm_layers, args.vision_layers)
         preset.config.vision_config.image_size = 14 * side
         preset.image_size = (14 * side, 14 * side)
         preset.name += f", {14 * side} px"
@@ -380,10 +406,14 @@ def machine_line(report: dict) -> str:
     m = report["machine"]
     load = ", ".join(f"{x:.2f}" for x in m["load_before"])
     busy = " (busy: above 1.5, other jobs ran beside it)" if m["load_before"][0] > 1.5 else ""
-    return (f"{report['model']}; {report['visual_tokens']} visual + {report['text_tokens']} text tokens; "
+    batch = f"batch {report['batch']}; " if report.get("batch", 1) > 1 else ""
+    probe = m.get("matmul_tflops")
+    probe = ("; MLP-shaped matmul, TFLOP/s by rows: " + ", ".join(f"{rows} rows {tf:.2f}" for rows, tf in probe.items())
+             if probe else "")
+    return (f"{report['model']}; {report['visual_tokens']} visual + {report['text_tokens']} text tokens; {batch}"
             f"{report['dtype']} on {m['device']}{' (' + m['gpu'] + ')' if m['gpu'] else ''}, "
             f"{m['torch_threads']} thread(s), torch {report['torch']}; medians of {report['rounds']} interleaved "
-            f"rounds; 1/5/15-min load before the run {load}{busy}; {report['seconds']} s in all.")
+            f"rounds; 1/5/15-min load before the run {load}{busy}; {report['seconds']} s in all{probe}.")
 
 
 def write_markdown(path: Path, name: str, text: str) -> None:
@@ -395,33 +425,88 @@ def write_markdown(path: Path, name: str, text: str) -> None:
     path.write_text(pattern.sub(lambda _: block, doc) if pattern.search(doc) else f"{doc.rstrip()}\n\n{block}\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--llm-layers", type=int, default=4)
-    parser.add_argument("--vision-layers", type=int, default=6)
+    parser.add_argument("--model", choices=sorted(DEPTHS), default="llava-1.5-7b", help="whose widths")
+    parser.add_argument("--llm-layers", type=int, default=None, help="default: the model's entry in DEPTHS")
+    parser.add_argument("--vision-layers", type=int, default=None, help="default: the model's entry in DEPTHS")
     parser.add_argument("--text-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1, help="copies of the prompt in one forward")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (medians over rounds)")
-    parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated for the decode rate")
+    parser.add_argument("--new-tokens", type=int, default=4, help="tokens generated for the decode rate")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--keeps", type=int, nargs="*", default=list(DEFAULT_KEEPS),
-                        help="kept visual-token counts for the default method set")
-    parser.add_argument("--tokens", nargs="*", metavar="SPEC", help="token methods (default: every registered one)")
+                        help="kept visual-token counts (of 576) for the default method set")
+    parser.add_argument("--tokens", nargs="*", metavar="SPEC", help="token methods (default: see default_specs)")
     parser.add_argument("--profile", action="store_true", help="profile one prefill per setting instead of timing")
     parser.add_argument("--visual-tokens", type=int, nargs="*", default=None, metavar="N",
                         help="cost curve instead: prefill time and memory at these visual-token counts (squares)")
+    parser.add_argument("--suite", action="store_true", help="run every table make bench records (SUITE)")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/speed[_profile].json)")
     parser.add_argument("--markdown", type=Path, default=None, help="write the table into this file's speed block")
     parser.add_argument("--render", type=Path, nargs="*", metavar="JSON",
                         help="measure nothing: write the tables of these result files into --markdown")
     args = parser.parse_args(argv)
+    llm, vision = DEPTHS[args.model]
+    args.llm_layers = args.llm_layers or llm
+    args.vision_layers = args.vision_layers or vision
+    if args.batch < 1:
+        parser.error(f"--batch {args.batch}: use 1 or more")
+    return args
+
+
+# make bench: (JSON stem, arguments); about 15 minutes on the 2-core build machine
+SUITE = (("speed", []),
+         ("speed_batch4", ["--batch", "4", "--keeps", "64", "--tokens", *(f"{name}:keep=64" for name in PROFILED)]),
+         ("speed_llava-next-8b", ["--model", "llava-next-8b", "--keeps", "64"]),
+         ("speed_qwen2-vl-7b", ["--model", "qwen2-vl-7b"]),
+         ("speed_cost", ["--visual-tokens", "576", "1156", "2304", "2916", "--repeats", "3"]),
+         ("speed_profile", ["--profile"]))
+
+
+def run_suite(args: argparse.Namespace, argv: list[str]) -> int:
+    """Every entry of :data:`SUITE` in turn, each writing its JSON and (with ``--markdown``) its block;
+    the options given with ``--suite`` (threads, device, markdown) apply to all of them."""
+    shared = [value for value in argv if value != "--suite"]
+    for stem, extra in SUITE:
+        print(f"== {stem}", file=sys.stderr, flush=True)
+        code = main([*shared, *extra, "--out", str(Path(__file__).parent / "results" / f"{stem}.json")])
+        if code:
+            return code
+    return 0
+
+
+def matmul_tflops(width: int, ffn: int, rows: list[int], dtype: torch.dtype, device: str) -> dict[int, float]:
+    """Achieved TFLOP/s of one (rows x width) @ (width x ffn) product, the LLM's MLP shape, per row
+    count: the hardware's own scaling, against which a pruned prefill's speedup is read."""
+    layer = torch.nn.Linear(width, ffn, bias=False, dtype=dtype, device=device)
+    result = {}
+    for count in sorted(set(rows)):
+        x = torch.randn(count, width, dtype=dtype, device=device)
+        seconds = median_seconds(lambda: layer(x), layer, repeats=5, warmup=1)
+        result[count] = round(2 * count * width * ffn / seconds / 1e12, 3)
+    return result
+
+
+def machine_facts(args: argparse.Namespace, load_before: list[float]) -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(), "device": args.device, "load_before": load_before,
+            "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
     if args.render is not None:
         for path in args.render:
             render(path, args.markdown)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.suite:
+        return run_suite(args, argv)
     stem = "speed_profile" if args.profile else "speed_cost" if args.visual_tokens else "speed"
     out = args.out or Path(__file__).parent / "results" / f"{stem}.json"
     load_before = list(os.getloadavg())
@@ -429,20 +514,18 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     if args.visual_tokens:
         return cost_main(args, dtype, out, load_before)
-    preset = reduced_preset(args.llm_layers, args.vision_layers)
+    preset = reduced_preset(args.model, args.llm_layers, args.vision_layers)
     torch.manual_seed(0)
     started = time.time()
     model = AutoModelForImageTextToText.from_config(preset.config, dtype=dtype).to(args.device).eval()
     companion_dir = tempfile.TemporaryDirectory(prefix="vlmprune-speed-")   # removed when the run ends
     install_text_companion(model, Path(companion_dir.name))
-    inputs = {k: v.to(args.device) for k, v in real_inputs(preset, args.text_tokens, dtype).items()}
-    specs = args.tokens if args.tokens is not None else (list(PROFILED) if args.profile else default_specs(args.keeps))
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "torch_threads": torch.get_num_threads(), "device": args.device, "load_before": load_before,
-               "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None}
+    inputs = {k: v.to(args.device) for k, v in real_inputs(preset, args.text_tokens, dtype, args.batch).items()}
+    specs = args.tokens if args.tokens is not None else (
+        [f"{name}:keep={scaled_keep(preset, 64)}" for name in PROFILED] if args.profile else default_specs(preset, args.keeps))
     report = {"model": preset.name, "visual_tokens": preset.geometry.llm_tokens, "text_tokens": args.text_tokens,
-              "dtype": args.dtype, "rounds": 1 if args.profile else args.repeats, "new_tokens": args.new_tokens,
-              "machine": machine, "torch": torch.__version__}
+              "batch": args.batch, "dtype": args.dtype, "rounds": 1 if args.profile else args.repeats,
+              "new_tokens": args.new_tokens, "machine": machine_facts(args, load_before), "torch": torch.__version__}
     if args.profile:
         rows = profile_rows(model, inputs, [None, *specs])
     else:
@@ -460,6 +543,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"timing {len(rows)} settings x {args.repeats} rounds ...", file=sys.stderr, flush=True)
         timed_rounds(model, inputs, rows, args.repeats, args.new_tokens)
         rows = with_static_ratios(rows) + failed
+        text = preset.config.text_config
+        report["machine"]["matmul_tflops"] = matmul_tflops(
+            text.hidden_size, text.intermediate_size,
+            [args.batch * row["llm_tokens_after_pruning"] for row in rows if "error" not in row], dtype, args.device)
     report.update(seconds=round(time.time() - started, 1), results=rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -493,11 +580,9 @@ def render(path: Path, markdown: Path | None) -> None:
 def cost_main(args, dtype, out: Path, load_before: list[float]) -> int:
     started = time.time()
     rows = cost_rows(args, dtype, args.tokens if args.tokens is not None else list(COST_SPECS))
-    machine = {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "device": args.device,
-               "load_before": load_before, "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None}
-    report = {"model": reduced_preset(args.llm_layers, args.vision_layers).name, "visual_tokens": args.visual_tokens,
-              "text_tokens": args.text_tokens, "dtype": args.dtype, "rounds": args.repeats, "machine": machine,
-              "torch": torch.__version__, "seconds": round(time.time() - started, 1), "results": rows}
+    report = {"model": reduced_preset(args.model, args.llm_layers, args.vision_layers).name, "visual_tokens": args.visual_tokens,
+              "text_tokens": args.text_tokens, "dtype": args.dtype, "rounds": args.repeats,
+              "machine": machine_facts(args, load_before), "torch": torch.__version__, "seconds": round(time.time() - started, 1), "results": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     plot = out.with_suffix(".png")

@@ -63,3 +63,33 @@ def test_a_scoring_only_token_keeps_its_mask_until_it_leaves(tiny):
         masks = _layer_masks(model, adapter, lambda: model(**inputs))
     # the pseudo-[CLS] is a masked key in layers 0-1 and dropped at layer 2, the last LLM site
     assert [mask is not None for mask in masks] == [True, True, False, False]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_full_attention_maps_read_in_row_blocks_equal_one_read(tiny, family, monkeypatch):
+    """A full map is scored in blocks of query rows (each block masked for its own rows); the maps,
+    the tokens kept and the logits match the single-block read (padded batch, vision and LLM sites)."""
+    from vlmprune.tokens import engine
+    model, make_inputs = tiny(family)
+    inputs = make_inputs(text_lens=(6, 4))
+    maps = []
+
+    def run():
+        method = vp.tokens.from_spec("ivtp:keep=4,instruction=ott")
+        reduce = method.reduce
+
+        def reading(ctx):
+            maps.append(ctx.attention(method.recorded_layers(ctx.site, None)[0]))
+            return reduce(ctx)
+        method.reduce = reading
+        with vp.tokens.apply(model, method), torch.no_grad():
+            return model(**inputs).logits
+
+    whole = run()
+    monkeypatch.setattr(engine, "SCORE_BLOCK", 1)      # one query row per block
+    blocked = run()
+    half = len(maps) // 2
+    assert half >= 1
+    for one, rows in zip(maps[:half], maps[half:]):
+        assert torch.allclose(one, rows, atol=1e-6)
+    assert torch.allclose(whole, blocked, atol=1e-5)

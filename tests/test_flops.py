@@ -53,6 +53,17 @@ def test_counted_matches_analytic_for_every_family(family):
     assert counted["extra"] == 0
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_last_logits_count_the_lm_head_at_one_position(family):
+    preset = tiny_preset(family)
+    every, last = count_flops(preset, 12), count_flops(preset, 12, last_logits=True)
+    text = preset.config.text_config
+    positions = every.schedule.head
+    assert last.schedule.head == 1 and positions > 1
+    assert every.flops.llm - last.flops.llm == 2 * (positions - 1) * text.hidden_size * text.vocab_size
+    assert last.flops.vision == every.flops.vision
+
+
 def test_llava_13b_matches_the_ivtp_reference():
     preset = get_preset("llava-1.5-13b")
     assert preset.geometry.llm_tokens == 576

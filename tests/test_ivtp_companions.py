@@ -66,6 +66,21 @@ def test_plain_ivtp_finds_the_towers_clip_through_the_table(tiny, hub, tmp_path)
     assert companions.text_companion("llava")[0] is found          # loaded once per process
 
 
+def test_the_companion_runs_in_the_towers_dtype(tiny, hub, tmp_path):
+    model, make_inputs = tiny("llava")
+    clip, clip_tokenizer = _tower_clip(model)
+    clip.save_pretrained(tmp_path / "clip")
+    clip_tokenizer.save_pretrained(tmp_path / "clip")
+    hub("llava", tmp_path / "clip")
+    half = type(model)(model.config).to(torch.bfloat16).eval()
+    half.load_state_dict(model.state_dict())
+    method = IVTP(keep=4, tokenizer=_word_tokenizer(WORDS))
+    logits, counts = _run(half, make_inputs(text_lens=(5, 3)), method)
+    assert counts == [("vision", 10), ("llm", 4)] and torch.isfinite(logits.float()).all()
+    assert method._clip.dtype == torch.bfloat16
+    assert companions.text_companion("llava")[0].dtype == torch.float32   # the float32 copy is its own
+
+
 def test_counting_flops_first_leaves_the_shared_companion_usable(tiny, hub, tmp_path):
     """A shape-only FLOPs count (meta model) runs the cached companion without moving it to meta, so the
     real forward after it still has weights; the count includes the text encoder."""

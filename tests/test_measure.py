@@ -54,6 +54,18 @@ def test_prefill_is_the_median_of_the_timed_runs_with_the_method_attached(llava,
     assert getattr(model, "_vlmprune_engine", None) is None           # detached afterwards
 
 
+def test_prefill_scores_the_last_position_only_as_generate_does(llava):
+    model, inputs = llava
+    head = get_adapter(model).lm_head
+    rows = []
+    hook = head.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[1]))
+    try:
+        prefill_ms(model, inputs, repeats=1, warmup=0)
+    finally:
+        hook.remove()
+    assert rows == [1]
+
+
 def test_decode_rate_counts_the_steps_after_the_first_token(llava, monkeypatch):
     model, inputs = llava
     # the clock is read once per generated token; 0.5 s apart: 3 decode steps in 1.5 s = 2 tokens/s

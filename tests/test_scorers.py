@@ -136,6 +136,7 @@ def test_group_ends():
 def test_rollout_row_equals_the_row_of_the_full_rollout(variant):
     torch.manual_seed(0)
     maps = {layer: torch.softmax(torch.randn(2, 5, 5), -1) for layer in (4, 5, 6)}
+    maps[5][1, 2] = float("nan")   # a fully masked query row (softmax over no key)
 
     def attention(layer, rows=None):
         full = maps[layer]

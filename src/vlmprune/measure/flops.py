@@ -31,6 +31,7 @@ from ..models import get_adapter
 from ..models.forward_args import layer_hidden
 from ..models.presets import Preset
 from ..tokens.base import SiteContext, TokenMethod
+from .latency import last_logits_only
 from .meta import ShapeOnlyMode, build_meta_model, counting_inputs
 
 PARTS = ("vision", "projector", "llm", "extra", "total")
@@ -212,9 +213,12 @@ class CountedFlops:
     schedule: TokenSchedule
 
 
-def count_flops(preset: Preset, text_tokens: int, method: TokenMethod | None = None) -> CountedFlops:
+def count_flops(preset: Preset, text_tokens: int, method: TokenMethod | None = None,
+                last_logits: bool = False) -> CountedFlops:
     """Run one prefill of ``preset`` on the meta device under ``FlopCounterMode``, with ``method``
-    attached through ``vlmprune.tokens.apply``, and split the count by part."""
+    attached through ``vlmprune.tokens.apply``, and split the count by part. ``last_logits``: the
+    forward scores the last position only, as ``generate``'s prefill and
+    :func:`vlmprune.measure.latency.prefill_ms` do (the LM head then counts one position)."""
     from .. import tokens  # the engine imports the adapters; kept lazy so analytic use stays light
 
     model = build_meta_model(preset)
@@ -229,7 +233,7 @@ def count_flops(preset: Preset, text_tokens: int, method: TokenMethod | None = N
         with counter, ShapeOnlyMode(), torch.no_grad():
             if meter is not None:
                 meter.attach(part_meter.counts)
-            model(**inputs)
+            model(**inputs, **(last_logits_only(model) if last_logits else {}))
     finally:
         recorder.remove()
         part_meter.remove()

@@ -20,20 +20,22 @@ TEXT_COMPANIONS: dict[str, str | None] = {
 }
 
 
-def text_companion(family: str) -> tuple[Any, Any] | None:
-    """(CLIPModel or SiglipModel, its tokenizer) for ``family``, float32 in eval mode, loaded once per
-    process; None for a family whose tower has no matching text encoder."""
+def text_companion(family: str, dtype: Any = None) -> tuple[Any, Any] | None:
+    """(CLIPModel or SiglipModel, its tokenizer) for ``family`` in eval mode, in ``dtype`` (default
+    float32; IVTP asks for its tower's, so a bfloat16 model does not score in float32), loaded once
+    per process and dtype; None for a family whose tower has no matching text encoder."""
+    import torch
+
     name = TEXT_COMPANIONS[family]
-    return None if name is None else _load(name)
+    return None if name is None else _load(name, dtype or torch.float32)
 
 
 @functools.lru_cache(maxsize=None)
-def _load(name: str) -> tuple[Any, Any]:
-    import torch
+def _load(name: str, dtype: Any) -> tuple[Any, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     try:
-        model = AutoModel.from_pretrained(name, dtype=torch.float32).eval()
+        model = AutoModel.from_pretrained(name, dtype=dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError:
         raise VlmpruneError(f"the text encoder {name} is not in the local Hugging Face cache: "

@@ -32,6 +32,8 @@ from ..models.forward_args import (LAYER_ARGS, LLM_ARGS, MODEL_ARGS, check_signa
 from .base import ModelPlan, Reduction, Site, SiteContext, TokenMethod
 
 Positions = Literal["original", "compact"]
+# most per-head attention scores (floats) one read-out holds at once: 64 MB; larger maps go in row blocks
+SCORE_BLOCK = 2 ** 24
 
 
 def _first_true(mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -634,19 +636,29 @@ class _Engine:
             return (*self.adapter.llm_qkv(layer, record[0], record[1], record[2], projected), record[3])
 
         def attention(layer: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-            """Only the query ``rows`` are scored; an LLM layer's mask is built for those rows alone."""
+            """Only the query ``rows`` are scored; an LLM layer's mask is built for those rows alone.
+            A full map is scored in blocks of rows, so the per-head scores never exceed
+            :data:`SCORE_BLOCK` floats (a 32-head map of 3000 tokens would be 1.2 GB at once)."""
             q, k, _, _, scale, mask = heads(layer)
-            if rows is not None:
-                rows = rows.view(rows.shape[0], -1)
-                q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+            batch, n_heads, n_keys = q.shape[0], q.shape[1], k.shape[2]
+            if rows is None:
+                rows = torch.arange(q.shape[2], device=q.device).expand(batch, -1)
+            rows = rows.view(batch, -1)
+            block = max(1, SCORE_BLOCK // (batch * n_heads * n_keys))
+            return torch.cat([head_mean_probabilities(q, k, scale, mask, rows[:, start:start + block])
+                              for start in range(0, rows.shape[1], block)], dim=1)
+
+        def head_mean_probabilities(q, k, scale, mask, rows):
+            q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
             if tower == "llm":
                 order, valid, bias = mask
-                index = rows if rows is not None else torch.arange(order.shape[1], device=order.device).expand_as(order)
-                mask = self._mask(order.gather(1, index), order, valid, q.dtype, bias, query_index=index)
-            scores = (q @ k.transpose(-1, -2)).float() * scale
+                mask = self._mask(order.gather(1, rows), order, valid, q.dtype, bias, query_index=rows)
+            # the scale folded into the query rows, then the float scores masked and normalised in
+            # place (the fastest order measured on the CPU: heads x rows x N floats are the cost)
+            scores = ((q * scale) @ k.transpose(-1, -2)).float()
             if mask is not None:
-                scores = scores + mask.float()
-            return scores.softmax(dim=-1).mean(dim=1)
+                scores.add_(mask)
+            return torch.softmax(scores, dim=-1, out=scores).mean(dim=1)
 
         def flat(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.transpose(1, 2).flatten(2)

@@ -104,8 +104,12 @@ def grouped_rollout_row(attention: Callable[..., torch.Tensor], layers: Sequence
     for layer in reversed(layers[:-1]):
         full = attention(layer).float().nan_to_num(0.0)
         if variant == "residual":
-            full = _row_normalise(full + torch.eye(full.shape[-1], dtype=full.dtype, device=full.device))
-        row = (row.unsqueeze(1) @ full).squeeze(1)
+            # row @ norm(A + I) without forming A + I: with s the row sums of A, that is w @ A + w
+            # for w = row / (s + 1) (s = 1 for a softmax row, 0 for a fully masked one)
+            weight = row / (full.sum(dim=-1) + 1)
+            row = (weight.unsqueeze(1) @ full).squeeze(1) + weight
+        else:
+            row = (row.unsqueeze(1) @ full).squeeze(1)
     return row
 
 

@@ -323,18 +323,19 @@ def llm_tokenizer(model: Any, method: str) -> Any:
 
 def tower_clip(model: Any, method: str, alternative: str) -> tuple[Any, Any]:
     """The tower's CLIP and its tokenizer: the toy CLIP for a toy checkpoint, else the family's text
-    companion (:mod:`vlmprune.models.companions`), on the tower's device."""
+    companion (:mod:`vlmprune.models.companions`), on the tower's device and in its dtype."""
     if _is_toy(model):
         from ...toyworld import load_clip
         return load_clip()
     from ...models import get_adapter
     from ...models.companions import text_companion
     adapter = get_adapter(model)
+    weight = next(adapter.vision_tower.parameters())
     try:
-        clip, clip_tokenizer = text_companion(adapter.family)
+        clip, clip_tokenizer = text_companion(adapter.family, weight.dtype)
     except VlmpruneError as error:
         raise VlmpruneError(f"{method}: {error}, or use {alternative}") from None
-    device = next(adapter.vision_tower.parameters()).device
+    device = weight.device
     # a shape-only (meta) count runs the CPU copy on meta inputs; moving the shared copy there would empty it
     return (clip if device.type == "meta" else clip.to(device)), clip_tokenizer
 
