@@ -42,8 +42,9 @@ test-latest:
 	$(LATEST)/bin/pip list 2>/dev/null | grep -iE '^(torch|torchvision|transformers|safetensors|tokenizers|numpy|lmms.eval|compressed.tensors|peft|filelock) '
 	$(LATEST)/bin/python -m pytest tests
 
+# The speed set (benchmarks/speed.py SUITE), its tables written into docs/BENCHMARKS.md from the JSON.
 bench: setup
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/speed.py --suite --markdown docs/BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) $(LATEST) demo-report .pytest_cache

@@ -144,7 +144,7 @@ def test_relevance_is_the_mean_over_overlapping_clip_tokens(tiny_ivtp):
     method = _ivtp(tiny_ivtp)
     ids = torch.tensor([5, 17, 93])
     image = torch.randn(8)
-    relevance, token_embeds, _ = method._text_relevance(None, ids, image)
+    [(relevance, token_embeds, _)] = method._text_relevance(None, [ids], image[None])
     text = "w5 w17 w93"
     real = [(s, e) for s, e in clip_tokenizer(text, return_offsets_mapping=True)["offset_mapping"] if e > s]
     cosines = torch.nn.functional.cosine_similarity(token_embeds, image[None], dim=-1)
@@ -153,6 +153,18 @@ def test_relevance_is_the_mean_over_overlapping_clip_tokens(tiny_ivtp):
     for i, (start, end) in enumerate([(0, 2), (3, 6), (7, 10)]):
         inside = [j for j, (s, e) in enumerate(real) if s < end and e > start]
         assert inside and torch.allclose(relevance[i], cosines[inside].mean())
+
+
+def test_relevance_of_a_batch_equals_each_text_alone(tiny_ivtp):
+    """The batch's texts share one (padded) text-encoder pass; each keeps its own image embedding."""
+    method = _ivtp(tiny_ivtp)
+    torch.manual_seed(0)
+    texts, images = [torch.tensor([5, 17, 93, 4, 8]), torch.tensor([21, 3])], torch.randn(2, 8)
+    together = method._text_relevance(None, texts, images)
+    for b, (ids, image) in enumerate(zip(texts, images)):
+        [alone] = method._text_relevance(None, [ids], image[None])
+        for a, c in zip(together[b], alone):
+            assert a.shape == c.shape and torch.allclose(a.float(), c.float(), atol=1e-5)
 
 
 # ---------------------------------------------------------------- through the engine
@@ -378,7 +390,7 @@ def test_pseudo_cls_is_the_mean_of_exactly_the_tokens_over_tau(tiny_ivtp, instru
         probe._fill_pseudo_cls = capture
     else:
         text_relevance = probe._text_relevance
-        probe._text_relevance = lambda *a: relevances.append(text_relevance(*a)[0]) or text_relevance(*a)
+        probe._text_relevance = lambda *a: relevances.append(text_relevance(*a)[0][0]) or text_relevance(*a)
     _run(model, inputs, probe)
     (relevance,) = relevances
     tau = float(relevance.median())

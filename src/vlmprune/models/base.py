@@ -86,9 +86,7 @@ class ModelAdapter(ABC):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        rep = q.shape[1] // k.shape[1]
-        return (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                k_raw.repeat_interleave(rep, 1), attn.scaling)
+        return (q, *(_repeat_heads(x, q.shape[1] // k.shape[1]) for x in (k, v, k_raw)), attn.scaling)
 
     def llm_token_projections(self, layer: int) -> dict[str, tuple[nn.Module, str]]:
         """The Linears of LLM ``layer`` that act on each token on its own (q/k/v and the FFN), as
@@ -104,6 +102,11 @@ class ModelAdapter(ABC):
         (``projected``: the layer's own q/k/v projection outputs, when at hand)."""
         raise VlmpruneError(f"{self.family}: pruning inside the vision encoder is not supported; "
                             "use Site('llm', 0) or later")
+
+
+def _repeat_heads(x: torch.Tensor, times: int) -> torch.Tensor:
+    """Grouped kv heads (B, H_kv, N, d) repeated to the query heads; no copy without grouping."""
+    return x if times == 1 else x.repeat_interleave(times, 1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -641,15 +641,17 @@ class _Engine:
             :data:`SCORE_BLOCK` floats (a 32-head map of 3000 tokens would be 1.2 GB at once)."""
             q, k, _, _, scale, mask = heads(layer)
             batch, n_heads, n_keys = q.shape[0], q.shape[1], k.shape[2]
-            if rows is None:
+            if rows is not None:
+                rows = rows.view(batch, -1)
+                q = q.gather(2, rows[:, None, :, None].expand(-1, n_heads, -1, q.shape[-1]))
+            else:
                 rows = torch.arange(q.shape[2], device=q.device).expand(batch, -1)
-            rows = rows.view(batch, -1)
             block = max(1, SCORE_BLOCK // (batch * n_heads * n_keys))
-            return torch.cat([head_mean_probabilities(q, k, scale, mask, rows[:, start:start + block])
+            return torch.cat([head_mean_probabilities(q[:, :, start:start + block], k, scale, mask,
+                                                      rows[:, start:start + block])
                               for start in range(0, rows.shape[1], block)], dim=1)
 
         def head_mean_probabilities(q, k, scale, mask, rows):
-            q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
             if tower == "llm":
                 order, valid, bias = mask
                 mask = self._mask(order.gather(1, rows), order, valid, q.dtype, bias, query_index=rows)

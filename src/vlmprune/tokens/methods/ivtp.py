@@ -199,9 +199,9 @@ class IVTP(TokenMethod):
         """Eqs. 6-8 for every sample, written into ``slot``. ``sequence``: (B, 1 + k, D_vision) the
         [CLS] and kept tokens at the output of the layer the LLM reads."""
         visual_cls = adapter.projector(sequence[:, 0])                              # (B, D) LLM space
-        image_embed = None
-        if self.instruction == "ott+te+rt":
-            image_embed = self._image_embedding(model, sequence)
+        if self.instruction == "ott+te+rt":   # one text-encoder pass for the whole batch
+            relevances = self._text_relevance(model, [ids for ids, _ in instructions],
+                                              self._image_embedding(model, sequence))
         for b, (text_ids, embeds) in enumerate(instructions):
             if self.instruction == "ott":
                 passing = torch.ones(len(text_ids), dtype=torch.bool, device=embeds.device)
@@ -209,7 +209,7 @@ class IVTP(TokenMethod):
                 relevance = F.cosine_similarity(embeds.float(), visual_cls[b].float()[None], dim=-1)
                 passing = relevance >= self._tau(model)
             else:
-                relevance, token_embeds, clip_passing = self._text_relevance(model, text_ids, image_embed[b])
+                relevance, token_embeds, clip_passing = relevances[b]
                 passing = relevance >= self._tau(model)
             text = _masked_mean(embeds, passing)
             if self.pcls == "clip":
@@ -251,19 +251,23 @@ class IVTP(TokenMethod):
             hidden = out[0] if isinstance(out, tuple) else out
         return clip.visual_projection(vision.post_layernorm(hidden[:, 0]))
 
-    def _text_relevance(self, model: Any, text_ids: torch.Tensor, image_embed: torch.Tensor):
-        """Eqs. 6-7: CLIP relevance of each CLIP token, mean over the CLIP tokens that overlap each
-        LLM token's characters (LLM tokens that overlap none get -inf: never relevant). Also the
-        CLIP tokens' projected embeddings and which of them pass ``tau`` (for ``pcls=clip``)."""
+    def _text_relevance(self, model: Any, text_ids: list[torch.Tensor], image_embeds: torch.Tensor) -> list:
+        """Eqs. 6-7 per sample (``image_embeds``: (B, P)): CLIP relevance of each CLIP token, mean
+        over the CLIP tokens that overlap each LLM token's characters (LLM tokens that overlap none
+        get -inf: never relevant). Also the CLIP tokens' projected embeddings and which of them pass
+        ``tau`` (for ``pcls=clip``). The batch's texts go through the text encoder together."""
         clip, clip_tokenizer, tokenizer = self._companions(model)
-        spans, text = llm_token_spans(tokenizer, text_ids.tolist())
-        [(offsets, token_embeds, clip_relevance)] = clip_token_embeddings(clip, clip_tokenizer, image_embed[None], [text])
-        overlap = torch.tensor([[float(cs < e and ce > s) for cs, ce in offsets] for s, e in spans],
-                               device=image_embed.device).view(len(spans), len(offsets))      # (T, S)
-        counts = overlap.sum(-1)
-        relevance = (overlap @ clip_relevance.to(overlap.device)) / counts.clamp_min(1)
-        relevance = relevance.masked_fill(counts == 0, -float("inf"))
-        return relevance, token_embeds, clip_relevance >= self._tau(model)
+        spans, texts = zip(*(llm_token_spans(tokenizer, ids.tolist()) for ids in text_ids))
+        results = []
+        for spans_b, (offsets, token_embeds, clip_relevance) in zip(
+                spans, clip_token_embeddings(clip, clip_tokenizer, image_embeds, list(texts))):
+            overlap = torch.tensor([[float(cs < e and ce > s) for cs, ce in offsets] for s, e in spans_b],
+                                   device=image_embeds.device).view(len(spans_b), len(offsets))   # (T, S)
+            counts = overlap.sum(-1)
+            relevance = (overlap @ clip_relevance.to(overlap.device)) / counts.clamp_min(1)
+            relevance = relevance.masked_fill(counts == 0, -float("inf"))
+            results.append((relevance, token_embeds, clip_relevance >= self._tau(model)))
+        return results
 
     def _clip_to_llm(self, adapter: Any, mean: torch.Tensor) -> torch.Tensor:
         """``pcls=clip``: a mean projected CLIP text embedding, back to the tower width and projected."""
