@@ -53,7 +53,7 @@ from transformers import AutoModelForImageTextToText, CLIPConfig, CLIPModel, Pre
 from vlmprune import tokens
 from vlmprune.errors import VlmpruneError
 from vlmprune.measure.flops import count_flops
-from vlmprune.measure.latency import attached, decode_tokens_per_s, last_logits_only, median_seconds, prefill_ms
+from vlmprune.measure.latency import attached, generation_timing, last_logits_only, median_seconds, prefill_ms
 from vlmprune.measure.memory import analytic_kv_cache_bytes, kv_cache_bytes
 from vlmprune.measure.meta import counting_inputs
 from vlmprune.models import companions
@@ -164,22 +164,23 @@ class ScoringClock:
 
 
 def timed_rounds(model, inputs, rows: list[dict], rounds: int, new_tokens: int) -> None:
-    """Prefill ms and decode tokens/s, every method once per round, so that a change in the machine's
-    load hits them all alike; each ratio is the median over rounds of value / dense in that round."""
+    """Prefill ms (the time to the first token of a greedy ``generate``) and decode tokens/s from the
+    same generation, every method once per round, so that a change in the machine's load hits them
+    all alike; each ratio is the median over rounds of value / dense in that round."""
     specs = [None if row["tokens"] == "dense" else row["tokens"] for row in rows]
     methods = [tokens.from_spec(spec) if spec else None for spec in specs]
     clocks = [ScoringClock(method) if method else None for method in methods]
     prefill = [[] for _ in specs]
     scoring = [[] for _ in specs]
     decode = [[] for _ in specs]
-    decode_tokens_per_s(model, inputs, new_tokens=2, repeats=1, warmup=0)  # warm-up (forwards ran already)
+    generation_timing(model, inputs, 2)  # warm-up (forwards ran already)
     for _ in range(rounds):
         for index, (method, clock) in enumerate(zip(methods, clocks)):
-            prefill[index].append(prefill_ms(model, inputs, method, repeats=1, warmup=0))
+            with attached(model, method):
+                first_ms, rate = generation_timing(model, inputs, new_tokens)
+            prefill[index].append(first_ms)
             scoring[index].append(clock.lap() if clock else 0.0)
-            decode[index].append(decode_tokens_per_s(model, inputs, method, new_tokens=new_tokens, repeats=1, warmup=0))
-            if clock:
-                clock.lap()  # generate's own prefill scored again: not this round's prefill
+            decode[index].append(rate)
     for row, times, scorer, rates in zip(rows, prefill, scoring, decode):
         row["prefill_ms"] = statistics.median(times)
         row["scoring_ms"] = statistics.median(scorer)
@@ -405,7 +406,8 @@ def table(rows: list[dict]) -> str:
 def machine_line(report: dict) -> str:
     m = report["machine"]
     load = ", ".join(f"{x:.2f}" for x in m["load_before"])
-    busy = " (busy: above 1.5, other jobs ran beside it)" if m["load_before"][0] > 1.5 else ""
+    busy = (f" (the suite's {report['after']} ran just before)" if report.get("after") else
+            " (busy: above 1.5, other jobs ran beside it)" if m["load_before"][0] > 1.5 else "")
     batch = f"batch {report['batch']}; " if report.get("batch", 1) > 1 else ""
     probe = m.get("matmul_tflops")
     probe = ("; MLP-shaped matmul, TFLOP/s by rows: " + ", ".join(f"{rows} rows {tf:.2f}" for rows, tf in probe.items())
@@ -444,6 +446,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--visual-tokens", type=int, nargs="*", default=None, metavar="N",
                         help="cost curve instead: prefill time and memory at these visual-token counts (squares)")
     parser.add_argument("--suite", action="store_true", help="run every table make bench records (SUITE)")
+    parser.add_argument("--after", default=None, help=argparse.SUPPRESS)  # the suite entry that ran just before
     parser.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/speed[_profile].json)")
     parser.add_argument("--markdown", type=Path, default=None, help="write the table into this file's speed block")
     parser.add_argument("--render", type=Path, nargs="*", metavar="JSON",
@@ -470,7 +473,8 @@ def run_suite(args: argparse.Namespace, argv: list[str]) -> int:
     """Every entry of :data:`SUITE` in turn, each writing its JSON and (with ``--markdown``) its block;
     the options given with ``--suite`` (threads, device, markdown) apply to all of them."""
     shared = [value for value in argv if value != "--suite"]
-    for stem, extra in SUITE:
+    for index, (stem, extra) in enumerate(SUITE):
+        extra = [*extra, "--after", SUITE[index - 1][0]] if index else extra
         print(f"== {stem}", file=sys.stderr, flush=True)
         code = main([*shared, *extra, "--out", str(Path(__file__).parent / "results" / f"{stem}.json")])
         if code:
@@ -525,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         [f"{name}:keep={scaled_keep(preset, 64)}" for name in PROFILED] if args.profile else default_specs(preset, args.keeps))
     report = {"model": preset.name, "visual_tokens": preset.geometry.llm_tokens, "text_tokens": args.text_tokens,
               "batch": args.batch, "dtype": args.dtype, "rounds": 1 if args.profile else args.repeats,
-              "new_tokens": args.new_tokens, "machine": machine_facts(args, load_before), "torch": torch.__version__}
+              "new_tokens": args.new_tokens, "machine": machine_facts(args, load_before), "torch": torch.__version__,
+              "after": args.after}
     if args.profile:
         rows = profile_rows(model, inputs, [None, *specs])
     else:
@@ -582,7 +587,7 @@ def cost_main(args, dtype, out: Path, load_before: list[float]) -> int:
     rows = cost_rows(args, dtype, args.tokens if args.tokens is not None else list(COST_SPECS))
     report = {"model": reduced_preset(args.model, args.llm_layers, args.vision_layers).name, "visual_tokens": args.visual_tokens,
               "text_tokens": args.text_tokens, "dtype": args.dtype, "rounds": args.repeats,
-              "machine": machine_facts(args, load_before), "torch": torch.__version__, "seconds": round(time.time() - started, 1), "results": rows}
+              "machine": machine_facts(args, load_before), "torch": torch.__version__, "after": args.after, "seconds": round(time.time() - started, 1), "results": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     plot = out.with_suffix(".png")

@@ -76,6 +76,14 @@ def test_decode_rate_counts_the_steps_after_the_first_token(llava, monkeypatch):
     assert math.isfinite(rate)
 
 
+def test_generation_timing_splits_the_first_token_from_the_decode_steps(llava, monkeypatch):
+    model, inputs = llava
+    # the call's start, then one reading per generated token: 2 s to the first, then 0.5 s a step
+    monkeypatch.setattr(latency, "time", FakeClock([0, 2, 0.5, 0.5, 0.5]))
+    first_ms, rate = latency.generation_timing(model, inputs, new_tokens=4)
+    assert first_ms == pytest.approx(2000.0) and rate == pytest.approx(2.0)
+
+
 def test_kv_cache_bytes_measured_equals_analytic(llava):
     model, inputs = llava
     text = model.config.text_config

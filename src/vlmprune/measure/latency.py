@@ -88,21 +88,29 @@ class _StepClock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def decode_tokens_per_s(model: nn.Module, inputs: dict[str, Any], method: TokenMethod | None = None,
-                        new_tokens: int = 16, repeats: int = 3, warmup: int = 1) -> float:
-    """Greedy decode throughput after the prefill, in tokens per second per sequence: the median
-    over ``repeats`` generations of ``new_tokens - 1`` decode steps divided by the time between the
-    first generated token (end of the prefill) and the last."""
+def generation_timing(model: nn.Module, inputs: dict[str, Any], new_tokens: int = 16) -> tuple[float, float]:
+    """One greedy generation (a method, if any, already attached): the time to the first token in ms
+    (``generate``'s own prefill with its set-up: what a user waits for) and the decode throughput
+    after it in tokens per second per sequence (``new_tokens - 1`` steps over the time between the
+    first generated token and the last)."""
     if new_tokens < 2:
         raise VlmpruneError(f"new_tokens={new_tokens}: decode throughput needs at least 2 new tokens")
+    clock = _StepClock(model)
+    with torch.no_grad():
+        _synchronize(model)
+        start = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       stopping_criteria=StoppingCriteriaList([clock]))
+    first, steps = clock.times[0] - start, clock.times[-1] - clock.times[0]
+    return 1000 * first, (len(clock.times) - 1) / max(steps, 1e-9)
+
+
+def decode_tokens_per_s(model: nn.Module, inputs: dict[str, Any], method: TokenMethod | None = None,
+                        new_tokens: int = 16, repeats: int = 3, warmup: int = 1) -> float:
+    """Greedy decode throughput after the prefill (:func:`generation_timing`), the median over
+    ``repeats`` generations after ``warmup`` untimed ones."""
     if repeats < 1 or warmup < 0:
         raise VlmpruneError(f"repeats={repeats}, warmup={warmup}: use repeats >= 1 and warmup >= 0")
-    rates = []
-    with attached(model, method), torch.no_grad():
-        for index in range(warmup + repeats):
-            clock = _StepClock(model)
-            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           stopping_criteria=StoppingCriteriaList([clock]))
-            if index >= warmup:
-                rates.append((len(clock.times) - 1) / max(clock.times[-1] - clock.times[0], 1e-9))
-    return statistics.median(rates)
+    with attached(model, method):
+        rates = [generation_timing(model, inputs, new_tokens)[1] for _ in range(warmup + repeats)]
+    return statistics.median(rates[warmup:])
