@@ -6,7 +6,9 @@ question type with a kept-token probe, and the instruction's effect at equal tok
 
 ``--part single``: IVTP+ as one selection (``at=feature``/``input``, ``fill``, ``merge``), chosen on the
 validation split among the settings that cost no more counted FLOPs than DivPrune at 11%, then that
-one choice against DivPrune and CDPruner on the test split.
+one choice against DivPrune and CDPruner on the test split. Once that choice is in the journal, the
+curve (``--part curve`` or ``all``) also runs it as ``ivtp_plus_single`` at every budget, the same
+settings with the keep scaled (chosen at 11% only; the other budgets were never part of the choice).
 
 Every run is journaled to ``docs/results/ivtp_study.json`` as it finishes (keyed by split and the
 method's full SPEC) and skipped on a rerun; ``ivtp_study.md`` and ``ivtp_tradeoff.png`` are written
@@ -37,8 +39,9 @@ from vlmprune.tokens.base import Reduction, Site, TokenMethod  # noqa: E402
 OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
 BUDGETS = (0.05, 0.11, 0.22, 0.33)
 CLAIM = 0.11
-CURVE = ("ivtp", "ivtp_paper", "ivtp_plus", "cdpruner", "divprune", "fastv", "pyramiddrop", "topk")
-PAIRS = [("ivtp_plus", "divprune"), ("ivtp_plus", "cdpruner"), ("ivtp", "divprune"), ("ivtp", "cdpruner"),
+CURVE = ("ivtp", "ivtp_paper", "ivtp_plus", "ivtp_plus_single", "cdpruner", "divprune", "fastv", "pyramiddrop", "topk")
+PAIRS = [("ivtp_plus", "divprune"), ("ivtp_plus", "cdpruner"),
+         ("ivtp_plus_single", "divprune"), ("ivtp_plus_single", "cdpruner"), ("ivtp", "divprune"), ("ivtp", "cdpruner"),
          ("ivtp", "ivtp_plus"), ("ivtp", "fastv"), ("ivtp", "pyramiddrop"), ("ivtp", "topk")]
 PLUS_STEPS = ("relevant", "spread_at")
 VISION_DEPTH = 5   # toy-large's LLM reads the output of ViT layer 5 (index 4): IVTP's ViT sites are after 3 and 5
@@ -67,11 +70,16 @@ def _spec(method: str, keep: int, settings: list[str]) -> str:
     return ",".join([f"{method}:keep={keep}", *[s for s in settings if s]])
 
 
-def curve_specs(keep: int, chosen: dict) -> dict[str, str]:
+def curve_specs(keep: int, chosen: dict, single: dict | None = None) -> dict[str, str]:
+    """The curve's SPECs at ``keep``; ``ivtp_plus_single`` (IVTP+ as one selection, the settings
+    ``--part single`` chose on the validation split at 11%) only once that choice is complete."""
+    plus = {"ivtp_plus": _spec("ivtp_plus", keep, chosen["ivtp"] + chosen["ivtp_plus"])}
+    if single and single.get("complete"):
+        plus["ivtp_plus_single"] = _spec("ivtp_plus", keep, single["chosen"])
     return {
         "ivtp": _spec("ivtp", keep, chosen["ivtp"]),
         "ivtp_paper": f"ivtp:keep={keep}",
-        "ivtp_plus": _spec("ivtp_plus", keep, chosen["ivtp"] + chosen["ivtp_plus"]),
+        **plus,
         "cdpruner": f"cdpruner:keep={keep}",
         "divprune": f"divprune:keep={keep}",
         "fastv": f"fastv:layer=2,keep={keep}",
@@ -348,7 +356,7 @@ def run(args) -> dict:
         if args.part in ("all", "curve"):
             measure(None)
             for budget in budgets:
-                for name, spec in curve_specs(round(budget * n_visual), chosen).items():
+                for name, spec in curve_specs(round(budget * n_visual), chosen, results.get("single")).items():
                     measure(spec)
 
     curve([CLAIM])
@@ -398,7 +406,7 @@ def curve_grid(results: dict) -> dict[str, dict[float, dict]]:
     chosen = results["sweep"]["chosen"]
     grid: dict[str, dict[float, dict]] = {}
     for budget in BUDGETS:
-        for name, spec in curve_specs(round(budget * results["setup"]["n_visual"]), chosen).items():
+        for name, spec in curve_specs(round(budget * results["setup"]["n_visual"]), chosen, results.get("single")).items():
             run = _run(results, spec)
             if run:
                 grid.setdefault(name, {})[budget] = run
@@ -410,7 +418,7 @@ def plot(results: dict, path: Path) -> None:
               for name, by_budget in curve_grid(results).items()}
     plot_tradeoff(path, curves, _run(results, None)["flops"]["total"] / 1e9, results["setup"]["model"],
                   "Retention vs counted FLOPs at 5 / 11 / 22 / 33% of the visual tokens kept",
-                  "retention of dense accuracy (%), full test split", bold=("ivtp", "ivtp_plus", "cdpruner", "divprune"))
+                  "retention of dense accuracy (%), full test split", bold=("ivtp", "ivtp_plus", "ivtp_plus_single", "cdpruner", "divprune"))
 
 
 def by_type(results: dict, run: dict) -> dict[str, tuple[int, int]]:
@@ -435,7 +443,8 @@ def report(results: dict) -> str:
     tasks = list(dense["tasks"])
     lines = ["# IVTP, IVTP+ and CDPruner on the full toy test split", "",
              f"Model `{setup['model']}`, {setup['n_visual']} visual tokens, every test item (500 per task). "
-             f"Command: `{setup['command']}` ({setup['wall_seconds'] / 60:.0f} min in all on {setup['machine']}). "
+             f"Built part by part (a rerun skips what the journal has); last command: `{setup['command']}` "
+             f"({setup['wall_seconds'] / 60:.0f} min in all on {setup['machine']}). "
              f"Dense: {_interval(dense)}% average, {dense['flops']['total'] / 1e9:.3f} counted GFLOPs.", "",
              "## Validation sweep (validation split, 11 tokens kept)", "",
              "Coordinate ascent in the order below, each step on top of the best so far; the highest validation "
@@ -451,7 +460,10 @@ def report(results: dict) -> str:
         cells = [f"{grid[name][b]['retention']:.1f} / {_interval(grid[name][b])} / {grid[name][b]['flops']['total'] / 1e9:.3f}"
                  if b in grid.get(name, {}) else "-" for b in BUDGETS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Specs: " + "; ".join(f"{n} `{s}`" for n, s in curve_specs(11, sweep["chosen"]).items()) + ".", "",
+    lines += ["", "Specs: " + "; ".join(f"{n} `{s}`" for n, s in curve_specs(11, sweep["chosen"], results.get("single")).items()) + ".", "",
+              *([("`ivtp_plus_single`: IVTP+ as one selection, the settings `--part single` chose on the validation "
+                  "split at 11% (below), the keep scaled to each budget; the other budgets were not part of that choice."), ""]
+                if "ivtp_plus_single" in grid else []),
               "## Paired exact McNemar tests (all 3000 items pooled)", "",
               "b: items only A answers right; c: only B.", "",
               "| A vs B | " + " | ".join(f"{round(100 * b)}%" for b in BUDGETS) + " |", "|---|" + "---|" * len(BUDGETS)]
