@@ -445,6 +445,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="profile one prefill per setting instead of timing")
     parser.add_argument("--visual-tokens", type=int, nargs="*", default=None, metavar="N",
                         help="cost curve instead: prefill time and memory at these visual-token counts (squares)")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="instead: the LLM decoder alone at the dense and the pruned lengths (no method, no engine)")
     parser.add_argument("--suite", action="store_true", help="run every table make bench records (SUITE)")
     parser.add_argument("--after", default=None, help=argparse.SUPPRESS)  # the suite entry that ran just before
     parser.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/speed[_profile].json)")
@@ -464,7 +466,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 SUITE = (("speed", []),
          ("speed_batch4", ["--batch", "4", "--keeps", "64", "--tokens", *(f"{name}:keep=64" for name in PROFILED)]),
          ("speed_llava-next-8b", ["--model", "llava-next-8b", "--keeps", "64"]),
-         ("speed_qwen2-vl-7b", ["--model", "qwen2-vl-7b"]),
+         ("speed_qwen2-vl-7b", ["--model", "qwen2-vl-7b", "--keeps", "64"]),
+         ("speed_ceiling", ["--ceiling"]),
          ("speed_cost", ["--visual-tokens", "576", "1156", "2304", "2916", "--repeats", "3"]),
          ("speed_profile", ["--profile"]))
 
@@ -480,6 +483,45 @@ def run_suite(args: argparse.Namespace, argv: list[str]) -> int:
         if code:
             return code
     return 0
+
+
+def ceiling_rows(model, preset: Preset, args) -> list[dict]:
+    """The hardware's own ceiling, with no token method and no engine: the model's LLM decoder alone
+    (``inputs_embeds`` of random states, KV cache filled) on the dense prompt's length and on the
+    lengths that 64 and 128 kept visual tokens leave, interleaved rounds. Its speedup over its
+    FLOPs-ideal speedup is what any method pruning before the LLM can reach on this machine."""
+    from vlmprune.measure.flops import TokenSchedule, analytic_flops, dense_schedule
+    from vlmprune.models import get_adapter
+    decoder = get_adapter(model).llm
+    text, dense = preset.config.text_config, preset.geometry.llm_tokens + args.text_tokens
+    lengths = [dense, *(scaled_keep(preset, keep) + args.text_tokens for keep in args.keeps)]
+    generator = torch.Generator().manual_seed(0)
+    states = {n: torch.randn(args.batch, n, text.hidden_size, generator=generator).to(model.dtype).to(args.device)
+              for n in lengths}
+    vision = dense_schedule(preset, args.text_tokens).vision
+    flops = {n: analytic_flops(preset, args.text_tokens, TokenSchedule(
+        vision=vision, crops=1, projector=0, llm=[n] * text.num_hidden_layers, head=0)).llm for n in lengths}
+    times = {n: [] for n in lengths}
+    with torch.no_grad():
+        for index in range(args.repeats + 1):              # the first round warms up
+            for n in lengths:
+                seconds = median_seconds(lambda: decoder(inputs_embeds=states[n], use_cache=True), model, 1, 0)
+                if index:
+                    times[n].append(1000 * seconds)
+    rows = []
+    for n in lengths:
+        ratio = statistics.median(t / d for t, d in zip(times[n], times[dense]))
+        rows.append({"llm_tokens": n, "llm_ms": statistics.median(times[n]), "llm_ms_ratio": ratio,
+                     "flops_ratio": flops[n] / flops[dense], "speedup_of_ideal": flops[n] / flops[dense] / ratio})
+    return rows
+
+
+def ceiling_table(rows: list[dict]) -> str:
+    lines = ["| LLM tokens | LLM decoder ms | speedup | FLOPs-ideal speedup | speedup / ideal |", "|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['llm_tokens']} | {row['llm_ms']:.0f} | {1 / row['llm_ms_ratio']:.2f} | "
+                     f"{1 / row['flops_ratio']:.2f} | {row['speedup_of_ideal']:.2f} |")
+    return "\n".join(lines)
 
 
 def matmul_tflops(width: int, ffn: int, rows: list[int], dtype: torch.dtype, device: str) -> dict[int, float]:
@@ -511,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.suite:
         return run_suite(args, argv)
-    stem = "speed_profile" if args.profile else "speed_cost" if args.visual_tokens else "speed"
+    stem = ("speed_profile" if args.profile else "speed_cost" if args.visual_tokens else
+            "speed_ceiling" if args.ceiling else "speed")
     out = args.out or Path(__file__).parent / "results" / f"{stem}.json"
     load_before = list(os.getloadavg())
 
@@ -533,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
               "after": args.after}
     if args.profile:
         rows = profile_rows(model, inputs, [None, *specs])
+    elif args.ceiling:
+        rows = ceiling_rows(model, preset, args)
+        report["rounds"] = args.repeats
     else:
         bytes_per_value = torch.empty((), dtype=dtype).element_size()
         rows, failed = [], []
@@ -568,6 +614,8 @@ def report_text(report: dict, path: Path) -> str:
     rows = report["results"]
     if rows and "steps_ms" in rows[0]:
         body = profile_table(rows)
+    elif rows and "llm_ms" in rows[0]:
+        body = ceiling_table(rows)
     elif rows and "peak_bytes" in rows[0]:
         body = f"{cost_table(rows)}\n\n![prefill time and memory against visual tokens](../benchmarks/results/{path.stem}.png)"
     else:
