@@ -47,6 +47,12 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, expanded)
 
 
+def _detached(heads: tuple) -> tuple:
+    """The heads without autograd history: the captured projections of a training forward carry a
+    graph, and a head returned as a view of one (kv heads not repeated) would keep it alive."""
+    return tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in heads)
+
+
 def _size_bias(sizes: torch.Tensor, dtype: torch.dtype, cls: bool = False) -> torch.Tensor:
     """log(size) per token (ToMe's proportional attention); a leading 0 for [CLS] when ``cls``."""
     bias = sizes.to(dtype).log()
@@ -632,8 +638,8 @@ class _Engine:
             projected = tuple(captured[role] for role in "qkv") if len(captured) == 3 else None
             if tower == "vision":
                 bias = None if sizes is None else _size_bias(sizes, record[0].dtype, cls=True)[:, None, None, :]
-                return (*self.adapter.vision_qkv(layer, record[0], projected), bias)
-            return (*self.adapter.llm_qkv(layer, record[0], record[1], record[2], projected), record[3])
+                return (*_detached(self.adapter.vision_qkv(layer, record[0], projected)), bias)
+            return (*_detached(self.adapter.llm_qkv(layer, record[0], record[1], record[2], projected)), record[3])
 
         def attention(layer: int, rows: torch.Tensor | None = None) -> torch.Tensor:
             """Only the query ``rows`` are scored; an LLM layer's mask is built for those rows alone.
