@@ -23,9 +23,10 @@ stand-in of the real width saved to a temporary directory, so IVTP's recorded co
 
     python benchmarks/speed.py [--model llava-1.5-7b] [--llm-layers 8] [--vision-layers 6] [--batch 1]
                                [--repeats 5] [--keeps 64 128] [--tokens SPEC ...] [--threads 1]
-                               [--markdown docs/BENCHMARKS.md] [--profile] [--suite]
+                               [--markdown docs/BENCHMARKS.md] [--profile] [--ceiling] [--suite]
 
-``--suite`` runs the set ``make bench`` records (every table below, about 15 minutes on 2 cores).
+``--suite`` runs the set ``make bench`` records (:data:`SUITE`, 14.6 minutes on the 2-core build machine).
+``--ceiling`` times the LLM decoder alone at the dense and the pruned lengths: the hardware's limit.
 
 Prints a Markdown table and writes JSON (default benchmarks/results/speed.json, or speed_profile.json);
 with ``--markdown`` the table replaces the block between ``<!-- speed:NAME -->`` and
