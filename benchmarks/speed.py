@@ -25,7 +25,7 @@ stand-in of the real width saved to a temporary directory, so IVTP's recorded co
                                [--repeats 5] [--keeps 64 128] [--tokens SPEC ...] [--threads 1]
                                [--markdown docs/BENCHMARKS.md] [--profile] [--ceiling] [--suite]
 
-``--suite`` runs the set ``make bench`` records (:data:`SUITE`, 14.6 minutes on the 2-core build machine).
+``--suite`` runs the set ``make bench`` records (:data:`SUITE`, about 15 minutes on the 2-core build machine).
 ``--ceiling`` times the LLM decoder alone at the dense and the pruned lengths: the hardware's limit.
 
 Prints a Markdown table and writes JSON (default benchmarks/results/speed.json, or speed_profile.json);
