@@ -473,7 +473,7 @@ SUITE = (("speed", []),
          ("speed_profile", ["--profile"]))
 
 
-def run_suite(args: argparse.Namespace, argv: list[str]) -> int:
+def run_suite(argv: list[str]) -> int:
     """Every entry of :data:`SUITE` in turn, each writing its JSON and (with ``--markdown``) its block;
     the options given with ``--suite`` (threads, device, markdown) apply to all of them."""
     shared = [value for value in argv if value != "--suite"]
@@ -553,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.suite:
-        return run_suite(args, argv)
+        return run_suite(argv)
     stem = ("speed_profile" if args.profile else "speed_cost" if args.visual_tokens else
             "speed_ceiling" if args.ceiling else "speed")
     out = args.out or Path(__file__).parent / "results" / f"{stem}.json"

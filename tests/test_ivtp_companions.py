@@ -51,12 +51,18 @@ def _run(model, inputs, method):
     return logits, counts
 
 
+def _tower_clip_on_the_hub(model, hub, directory):
+    """The tower's CLIP and its tokenizer saved to ``directory``, which the table names for LLaVA."""
+    clip, clip_tokenizer = _tower_clip(model)
+    clip.save_pretrained(directory)
+    clip_tokenizer.save_pretrained(directory)
+    hub("llava", directory)
+    return clip
+
+
 def test_plain_ivtp_finds_the_towers_clip_through_the_table(tiny, hub, tmp_path):
     model, make_inputs = tiny("llava")
-    clip, clip_tokenizer = _tower_clip(model)
-    clip.save_pretrained(tmp_path / "clip")
-    clip_tokenizer.save_pretrained(tmp_path / "clip")
-    hub("llava", tmp_path / "clip")
+    clip = _tower_clip_on_the_hub(model, hub, tmp_path / "clip")
     method = IVTP(keep=4, tokenizer=_word_tokenizer(WORDS))
     logits, counts = _run(model, make_inputs(text_lens=(5, 3)), method)
     assert counts == [("vision", 10), ("llm", 4)] and torch.isfinite(logits).all()
@@ -68,10 +74,7 @@ def test_plain_ivtp_finds_the_towers_clip_through_the_table(tiny, hub, tmp_path)
 
 def test_the_companion_runs_in_the_towers_dtype(tiny, hub, tmp_path):
     model, make_inputs = tiny("llava")
-    clip, clip_tokenizer = _tower_clip(model)
-    clip.save_pretrained(tmp_path / "clip")
-    clip_tokenizer.save_pretrained(tmp_path / "clip")
-    hub("llava", tmp_path / "clip")
+    clip = _tower_clip_on_the_hub(model, hub, tmp_path / "clip")
     half = type(model)(model.config).to(torch.bfloat16).eval()
     half.load_state_dict(model.state_dict())
     method = IVTP(keep=4, tokenizer=_word_tokenizer(WORDS))
@@ -88,10 +91,7 @@ def test_counting_flops_first_leaves_the_shared_companion_usable(tiny, hub, tmp_
     from vlmprune.models.presets import Preset, default_image_size
 
     model, make_inputs = tiny("llava")
-    clip, clip_tokenizer = _tower_clip(model)
-    clip.save_pretrained(tmp_path / "clip")
-    clip_tokenizer.save_pretrained(tmp_path / "clip")
-    hub("llava", tmp_path / "clip")
+    clip = _tower_clip_on_the_hub(model, hub, tmp_path / "clip")
     preset = Preset("tiny-llava", model.config, default_image_size(model.config))
     counted = count_flops(preset, 6, IVTP(keep=4, tokenizer=_word_tokenizer(WORDS))).flops
     without_text = count_flops(preset, 6, IVTP(keep=4, instruction="ott")).flops

@@ -10,7 +10,7 @@ from test_ivtp_plus import _decisions, _method
 from vlmprune.errors import VlmpruneError
 from vlmprune.tokens import from_spec, scorers
 from vlmprune.tokens.base import ModelPlan, Site
-from vlmprune.tokens.methods.ivtp_plus import IVTPPlus, farthest_from, merge_into_kept
+from vlmprune.tokens.methods.ivtp_plus import IVTPPlus, merge_into_kept
 
 
 # ---------------------------------------------------------------- hand-made cases
@@ -23,8 +23,8 @@ def _unit(*angles_deg):
 def test_farthest_from_never_picks_a_kept_token_even_among_duplicates():
     # three copies of token 0 (distance 0 to it, and to each other), one far token
     distance = torch.tensor([[[0, 0, 0, 1.0], [0, 0, 0, 1.0], [0, 0, 0, 1.0], [1.0, 1.0, 1.0, 0]]])
-    assert farthest_from(distance, torch.tensor([[0]]), 3).tolist() == [[3, 1, 2]]
-    assert farthest_from(distance, torch.tensor([[0]]), 0).shape == (1, 0)
+    assert scorers.farthest_from(distance, torch.tensor([[0]]), 3).tolist() == [[3, 1, 2]]
+    assert scorers.farthest_from(distance, torch.tensor([[0]]), 0).shape == (1, 0)
 
 
 def test_fill_diverse_is_max_min_cosine_from_the_relevant_tokens():

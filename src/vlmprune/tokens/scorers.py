@@ -235,26 +235,38 @@ def visionzip_select(
     return keep, torch.cat([dom_tokens, ctx_tokens.to(tokens.dtype)], dim=1)
 
 
+def cosine_distance(features: torch.Tensor) -> torch.Tensor:
+    """(B, V, D) -> (B, V, V) ``1 - cos`` between every pair (a matmul, so the FLOP count sees it)."""
+    normed = F.normalize(features.float(), dim=-1)
+    return 1.0 - normed @ normed.transpose(1, 2)
+
+
+def farthest_from(distance: torch.Tensor, chosen: torch.Tensor, count: int) -> torch.Tensor:
+    """Greedy max-min selection on a (B, V, V) distance matrix (zero on the diagonal), started from
+    the (B, c) indices ``chosen`` (c >= 1): (B, count) more indices in pick order, each the candidate
+    farthest from its nearest kept one (ties to the lower index); a kept one is never picked again."""
+    batch, n, _ = distance.shape
+    nearest = distance.gather(1, chosen[:, :, None].expand(-1, -1, n)).amin(1)           # (B, V)
+    nearest = nearest.scatter(1, chosen, -float("inf"))   # never again, even where rounding leaves a kept token > 0
+    picks = []
+    for _ in range(count):
+        pick = nearest.argmax(-1)
+        picks.append(pick)
+        nearest = torch.minimum(nearest, distance.gather(1, pick.view(batch, 1, 1).expand(-1, 1, n)).squeeze(1))
+        nearest = nearest.scatter(1, pick[:, None], -float("inf"))
+    return torch.stack(picks, 1) if picks else chosen[:, :0]
+
+
 def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
     """DivPrune: greedy max-min selection under cosine distance ``1 - cos``.
 
     The first pick is the token farthest from its nearest neighbour; every next pick maximises its
-    distance to the nearest token already picked. (B, V, D) -> (B, k) in pick order.
+    distance to the nearest token already picked (:func:`farthest_from`). (B, V, D) -> (B, k) in pick order.
     """
-    normed = F.normalize(features.float(), dim=-1)
-    distance = 1.0 - normed @ normed.transpose(1, 2)                        # (B, V, V)
-    bsz, n, _ = distance.shape
-    eye = torch.eye(n, dtype=torch.bool, device=features.device)
-    nearest = distance.masked_fill(eye, float("inf")).amin(-1)
-    picks = [nearest.argmax(-1)]
-    closest = distance.gather(1, picks[0].view(bsz, 1, 1).expand(-1, 1, n)).squeeze(1)
-    for _ in range(1, k):
-        chosen = torch.stack(picks, 1)
-        score = closest.scatter(1, chosen, -float("inf"))
-        pick = score.argmax(-1)
-        picks.append(pick)
-        closest = torch.minimum(closest, distance.gather(1, pick.view(bsz, 1, 1).expand(-1, 1, n)).squeeze(1))
-    return torch.stack(picks, 1)
+    distance = cosine_distance(features)
+    eye = torch.eye(distance.shape[-1], dtype=torch.bool, device=features.device)
+    first = distance.masked_fill(eye, float("inf")).amin(-1).argmax(-1, keepdim=True)
+    return torch.cat([first, farthest_from(distance, first, k - 1)], dim=1)
 
 
 def spatial_pool(tokens: torch.Tensor, grid: tuple[int, int], out: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

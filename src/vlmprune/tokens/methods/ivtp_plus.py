@@ -39,21 +39,7 @@ def farthest_points(cells: torch.Tensor, chosen: torch.Tensor, count: int) -> to
     ``chosen``: (B, c) indices already kept (c >= 1). Returns (B, count) more indices, each the
     candidate farthest from its nearest kept one (ties to the lower index); a kept token is at
     distance 0 from itself, so it is never picked again while ``count`` <= V - c."""
-    return farthest_from(torch.cdist(cells.float(), cells.float()), chosen, count)
-
-
-def farthest_from(distance: torch.Tensor, chosen: torch.Tensor, count: int) -> torch.Tensor:
-    """:func:`farthest_points` on a given (B, V, V) distance matrix (zero on the diagonal)."""
-    batch, n, _ = distance.shape
-    nearest = distance.gather(1, chosen[:, :, None].expand(-1, -1, n)).amin(1)           # (B, V)
-    nearest = nearest.scatter(1, chosen, -float("inf"))   # never again, even where rounding leaves a kept token > 0
-    picks = []
-    for _ in range(count):
-        pick = nearest.argmax(-1)
-        picks.append(pick)
-        nearest = torch.minimum(nearest, distance.gather(1, pick.view(batch, 1, 1).expand(-1, 1, n)).squeeze(1))
-        nearest = nearest.scatter(1, pick[:, None], -float("inf"))
-    return torch.stack(picks, 1) if picks else chosen[:, :0]
+    return scorers.farthest_from(torch.cdist(cells.float(), cells.float()), chosen, count)
 
 
 class IVTPPlus(IVTP):
@@ -137,8 +123,8 @@ class IVTPPlus(IVTP):
         relevant = max(1, round(self.relevant * count))
         chosen = scorers.top_indices(score, relevant)
         if self.fill == "diverse":   # DivPrune's cosine distance (a matmul, so the FLOP count sees it)
-            normed = F.normalize(scorers.gather_tokens(ctx.hidden, ctx.visual).float(), dim=-1)
-            extra = farthest_from(1.0 - normed @ normed.transpose(1, 2), chosen, count - relevant)
+            distance = scorers.cosine_distance(scorers.gather_tokens(ctx.hidden, ctx.visual))
+            extra = scorers.farthest_from(distance, chosen, count - relevant)
         else:
             side = scorers.square_grid(ctx.n_visual)[1]
             extra = farthest_points(torch.stack([ctx.original // side, ctx.original % side], dim=-1), chosen,
