@@ -56,6 +56,7 @@ from vlmprune.errors import VlmpruneError
 from vlmprune.measure.flops import count_flops
 from vlmprune.measure.latency import attached, generation_timing, last_logits_only, median_seconds, prefill_ms
 from vlmprune.measure.memory import analytic_kv_cache_bytes, kv_cache_bytes
+from vlmprune.tokens.base import Reduction, Site, SiteContext, TokenMethod
 from vlmprune.measure.meta import counting_inputs
 from vlmprune.models import companions
 from vlmprune.models.presets import Preset, get_preset
@@ -124,6 +125,39 @@ def real_inputs(preset: Preset, text_tokens: int, dtype: torch.dtype, batch: int
     return {key: torch.cat([value] * batch) for key, value in one.items()}
 
 
+class FreeSelection(TokenMethod):
+    """What a method's schedule allows on this machine and engine: the sites and kept counts a run of
+    the method recorded, with picks that cost nothing (the first tokens present), no q/k/v recorded
+    and no scoring token. A method's speedup over this one's is the share its own scoring leaves."""
+
+    name = "free"
+
+    def __init__(self, counts: dict[Site, int]):
+        self._counts = counts
+
+    @classmethod
+    def recorded(cls, model, inputs, spec: str) -> "FreeSelection":
+        """The counts one prefill of ``spec`` keeps at each of its sites."""
+        method, counts = tokens.from_spec(spec), {}
+        reduce = method.reduce
+
+        def counting(ctx: SiteContext) -> Reduction:
+            reduction = reduce(ctx)
+            counts[ctx.site] = reduction.keep.shape[1]
+            return reduction
+        method.reduce = counting
+        with attached(model, method), torch.no_grad():
+            model(**inputs, use_cache=True, **last_logits_only(model))
+        return cls(counts)
+
+    def sites(self, plan) -> list[Site]:
+        return list(self._counts)
+
+    def reduce(self, ctx: SiteContext) -> Reduction:
+        count = self._counts[ctx.site]
+        return Reduction(keep=torch.arange(count, device=ctx.visual.device).expand(ctx.visual.shape[0], count))
+
+
 def static_measures(model, preset, inputs, spec, text_tokens, bytes_per_value) -> dict:
     """KV-cache bytes (measured and analytic) and counted FLOPs: no timing, one run each (a method
     that cannot run on this model fails here, before the timed rounds)."""
@@ -164,31 +198,40 @@ class ScoringClock:
         return 1000 * seconds
 
 
-def timed_rounds(model, inputs, rows: list[dict], rounds: int, new_tokens: int) -> None:
+def timed_rounds(model, inputs, rows: list[dict], rounds: int, new_tokens: int,
+                 free: dict[str, FreeSelection] | None = None) -> None:
     """Prefill ms (the time to the first token of a greedy ``generate``) and decode tokens/s from the
     same generation, every method once per round, so that a change in the machine's load hits them
-    all alike; each ratio is the median over rounds of value / dense in that round."""
+    all alike; each ratio is the median over rounds of value / dense in that round. A method with a
+    :class:`FreeSelection` in ``free`` has it timed right after it, its time to first token only."""
+    free = free or {}
     specs = [None if row["tokens"] == "dense" else row["tokens"] for row in rows]
     methods = [tokens.from_spec(spec) if spec else None for spec in specs]
     clocks = [ScoringClock(method) if method else None for method in methods]
     prefill = [[] for _ in specs]
     scoring = [[] for _ in specs]
     decode = [[] for _ in specs]
+    free_prefill = {spec: [] for spec in free}
     generation_timing(model, inputs, 2)  # warm-up (forwards ran already)
     for _ in range(rounds):
-        for index, (method, clock) in enumerate(zip(methods, clocks)):
+        for index, (spec, method, clock) in enumerate(zip(specs, methods, clocks)):
             with attached(model, method):
                 first_ms, rate = generation_timing(model, inputs, new_tokens)
             prefill[index].append(first_ms)
             scoring[index].append(clock.lap() if clock else 0.0)
             decode[index].append(rate)
-    for row, times, scorer, rates in zip(rows, prefill, scoring, decode):
+            if spec in free:
+                with attached(model, free[spec]):
+                    free_prefill[spec].append(generation_timing(model, inputs, 2)[0])
+    for spec, row, times, scorer, rates in zip(specs, rows, prefill, scoring, decode):
         row["prefill_ms"] = statistics.median(times)
         row["scoring_ms"] = statistics.median(scorer)
         row["decode_tok_s"] = statistics.median(rates)
         row["prefill_ms_ratio"] = statistics.median(t / d for t, d in zip(times, prefill[0]))
         row["scoring_ms_ratio"] = statistics.median(s / d for s, d in zip(scorer, prefill[0]))
         row["decode_tok_s_ratio"] = statistics.median(r / d for r, d in zip(rates, decode[0]))
+        if spec in free:
+            row["free_selection_ms_ratio"] = statistics.median(t / d for t, d in zip(free_prefill[spec], prefill[0]))
 
 
 # engine steps and scorer parts timed by --profile (inclusive times; a step may hold another)
@@ -386,20 +429,25 @@ def with_static_ratios(rows: list[dict]) -> list[dict]:
         row["prefill_speedup"] = 1 / row["prefill_ms_ratio"]
         row["flops_speedup"] = 1 / row["flops_ratio"]
         row["speedup_of_ideal"] = row["prefill_speedup"] / row["flops_speedup"]
+        if "free_selection_ms_ratio" in row:
+            row["free_selection_speedup"] = 1 / row["free_selection_ms_ratio"]
+            row["speedup_of_free"] = row["prefill_speedup"] / row["free_selection_speedup"]
     return rows
 
 
 def table(rows: list[dict]) -> str:
     lines = [("| tokens | LLM tokens | prefill ms | speedup | FLOPs-ideal speedup | speedup / ideal | "
-              "scoring % of dense prefill | decode tok/s | KV MiB |"),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "free-selection speedup | speedup / free | scoring % of dense prefill | decode tok/s | KV MiB |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['tokens']} | failed: {row['error']} ||||||||")
+            lines.append(f"| {row['tokens']} | failed: {row['error']} ||||||||||")
             continue
+        free = (f"{row['free_selection_speedup']:.2f} | {row['speedup_of_free']:.2f}"
+                if "free_selection_speedup" in row else " | ")
         lines.append(f"| {row['tokens']} | {row['llm_tokens_after_pruning']} | {row['prefill_ms']:.0f} | "
                      f"{row['prefill_speedup']:.2f} | {row['flops_speedup']:.2f} | {row['speedup_of_ideal']:.2f} | "
-                     f"{100 * row['scoring_ms_ratio']:.1f} | {row['decode_tok_s']:.2f} | "
+                     f"{free} | {100 * row['scoring_ms_ratio']:.1f} | {row['decode_tok_s']:.2f} | "
                      f"{row['kv_bytes'] / 2**20:.1f} |")
     return "\n".join(lines)
 
@@ -592,8 +640,11 @@ def main(argv: list[str] | None = None) -> int:
                     raise
                 rows = [row for row in rows if row["tokens"] != spec]
                 failed.append({"tokens": spec, "error": str(exc).splitlines()[0][:160]})
-        print(f"timing {len(rows)} settings x {args.repeats} rounds ...", file=sys.stderr, flush=True)
-        timed_rounds(model, inputs, rows, args.repeats, args.new_tokens)
+        free = {row["tokens"]: FreeSelection.recorded(model, inputs, row["tokens"]) for row in rows
+                if row["tokens"].split(":")[0] in PROFILED}
+        print(f"timing {len(rows)} settings and {len(free)} free selections x {args.repeats} rounds ...",
+              file=sys.stderr, flush=True)
+        timed_rounds(model, inputs, rows, args.repeats, args.new_tokens, free)
         rows = with_static_ratios(rows) + failed
         text = preset.config.text_config
         report["machine"]["matmul_tflops"] = matmul_tflops(

@@ -644,29 +644,37 @@ class _Engine:
         def attention(layer: int, rows: torch.Tensor | None = None) -> torch.Tensor:
             """Only the query ``rows`` are scored; an LLM layer's mask is built for those rows alone.
             A full map is scored in blocks of rows, so the per-head scores never exceed
-            :data:`SCORE_BLOCK` floats (a 32-head map of 3000 tokens would be 1.2 GB at once)."""
+            :data:`SCORE_BLOCK` floats (a 32-head map of 3000 tokens would be 1.2 GB at once). An LLM
+            sequence is in causal order, so a block of a full map sees no key past its last row:
+            those scores are not computed (half of a causal map's)."""
             q, k, _, _, scale, mask = heads(layer)
             batch, n_heads, n_keys = q.shape[0], q.shape[1], k.shape[2]
             if rows is not None:
                 rows = rows.view(batch, -1)
                 q = q.gather(2, rows[:, None, :, None].expand(-1, n_heads, -1, q.shape[-1]))
-            else:
-                rows = torch.arange(q.shape[2], device=q.device).expand(batch, -1)
+                return head_mean_probabilities(q, k, scale, mask, rows, n_keys)
+            rows = torch.arange(q.shape[2], device=q.device).expand(batch, -1)
             block = max(1, SCORE_BLOCK // (batch * n_heads * n_keys))
             return torch.cat([head_mean_probabilities(q[:, :, start:start + block], k, scale, mask,
-                                                      rows[:, start:start + block])
+                                                      rows[:, start:start + block],
+                                                      min(n_keys, start + block) if tower == "llm" else n_keys)
                               for start in range(0, rows.shape[1], block)], dim=1)
 
-        def head_mean_probabilities(q, k, scale, mask, rows):
+        def head_mean_probabilities(q, k, scale, mask, rows, seen):
+            """Head-mean probabilities of these query rows over the first ``seen`` keys, zeros after."""
+            n_keys = k.shape[2]
             if tower == "llm":
                 order, valid, bias = mask
-                mask = self._mask(order.gather(1, rows), order, valid, q.dtype, bias, query_index=rows)
+                k = k[:, :, :seen]
+                mask = self._mask(order.gather(1, rows), order[:, :seen], valid[:, :seen], q.dtype,
+                                  None if bias is None else bias[:, :seen], query_index=rows)
             # the scale folded into the query rows, then the float scores masked and normalised in
             # place (the fastest order measured on the CPU: heads x rows x N floats are the cost)
             scores = ((q * scale) @ k.transpose(-1, -2)).float()
             if mask is not None:
                 scores.add_(mask)
-            return torch.softmax(scores, dim=-1, out=scores).mean(dim=1)
+            probabilities = torch.softmax(scores, dim=-1, out=scores).mean(dim=1)
+            return probabilities if seen == n_keys else torch.nn.functional.pad(probabilities, (0, n_keys - seen))
 
         def flat(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.transpose(1, 2).flatten(2)
