@@ -13,8 +13,10 @@ reads, rollout, similarities, IVTP's text encoder) over the dense prefill time.
 
 Columns: measured prefill speedup (dense ms / method ms, median of the per-round ratios), the
 FLOPs-ideal speedup (dense FLOPs / method FLOPs, both counted on the meta device), their ratio (1.0:
-the whole FLOPs saving shows up as time), the scorer's own time as a share of dense prefill, decode
-tokens/s and KV bytes. ``--profile`` instead runs ``torch.profiler`` on one prefill per setting and
+the whole FLOPs saving shows up as time), the free-selection speedup (FastV, IVTP, DivPrune and
+FasterVLM at 64 of 576: the method's own sites and kept counts with picks that cost nothing,
+:mod:`vlmprune.measure.attainable`) and the method's speedup over it (the share its scoring leaves),
+the scorer's own time as a share of dense prefill, decode tokens/s and KV bytes. ``--profile`` instead runs ``torch.profiler`` on one prefill per setting and
 reports where the time goes by engine step and by operator.
 
 IVTP runs as plain ``ivtp:keep=64``: its text companion (CLIP ViT-L/14-336's text tower, 12 layers
@@ -53,10 +55,11 @@ from transformers import AutoModelForImageTextToText, CLIPConfig, CLIPModel, Pre
 
 from vlmprune import tokens
 from vlmprune.errors import VlmpruneError
+from vlmprune.measure.attainable import FreeSelection, free_selection
 from vlmprune.measure.flops import count_flops
-from vlmprune.measure.latency import attached, generation_timing, last_logits_only, median_seconds, prefill_ms
+from vlmprune.measure.latency import (attached, first_token_ms, generation_timing, last_logits_only, median_seconds,
+                                      prefill_ms)
 from vlmprune.measure.memory import analytic_kv_cache_bytes, kv_cache_bytes
-from vlmprune.tokens.base import Reduction, Site, SiteContext, TokenMethod
 from vlmprune.measure.meta import counting_inputs
 from vlmprune.models import companions
 from vlmprune.models.presets import Preset, get_preset
@@ -125,39 +128,6 @@ def real_inputs(preset: Preset, text_tokens: int, dtype: torch.dtype, batch: int
     return {key: torch.cat([value] * batch) for key, value in one.items()}
 
 
-class FreeSelection(TokenMethod):
-    """What a method's schedule allows on this machine and engine: the sites and kept counts a run of
-    the method recorded, with picks that cost nothing (the first tokens present), no q/k/v recorded
-    and no scoring token. A method's speedup over this one's is the share its own scoring leaves."""
-
-    name = "free"
-
-    def __init__(self, counts: dict[Site, int]):
-        self._counts = counts
-
-    @classmethod
-    def recorded(cls, model, inputs, spec: str) -> "FreeSelection":
-        """The counts one prefill of ``spec`` keeps at each of its sites."""
-        method, counts = tokens.from_spec(spec), {}
-        reduce = method.reduce
-
-        def counting(ctx: SiteContext) -> Reduction:
-            reduction = reduce(ctx)
-            counts[ctx.site] = reduction.keep.shape[1]
-            return reduction
-        method.reduce = counting
-        with attached(model, method), torch.no_grad():
-            model(**inputs, use_cache=True, **last_logits_only(model))
-        return cls(counts)
-
-    def sites(self, plan) -> list[Site]:
-        return list(self._counts)
-
-    def reduce(self, ctx: SiteContext) -> Reduction:
-        count = self._counts[ctx.site]
-        return Reduction(keep=torch.arange(count, device=ctx.visual.device).expand(ctx.visual.shape[0], count))
-
-
 def static_measures(model, preset, inputs, spec, text_tokens, bytes_per_value) -> dict:
     """KV-cache bytes (measured and analytic) and counted FLOPs: no timing, one run each (a method
     that cannot run on this model fails here, before the timed rounds)."""
@@ -222,7 +192,7 @@ def timed_rounds(model, inputs, rows: list[dict], rounds: int, new_tokens: int,
             decode[index].append(rate)
             if spec in free:
                 with attached(model, free[spec]):
-                    free_prefill[spec].append(generation_timing(model, inputs, 2)[0])
+                    free_prefill[spec].append(first_token_ms(model, inputs))
     for spec, row, times, scorer, rates in zip(specs, rows, prefill, scoring, decode):
         row["prefill_ms"] = statistics.median(times)
         row["scoring_ms"] = statistics.median(scorer)
@@ -266,34 +236,56 @@ def label_steps() -> None:
             _labelled(target, name, f"{owner or 'scorers'}.{name.lstrip('_')}")
 
 
+def label_stages(model) -> list:
+    """Name the model's stages (vision tower, projector, LLM decoder) for the profiler: the time
+    a pruned prefill still spends where no token was removed. Returns the hook handles."""
+    from vlmprune.models import get_adapter
+    adapter, handles = get_adapter(model), []
+    for label, module in (("model.vision_tower", adapter.vision_tower), ("model.projector", adapter.projector),
+                          ("model.llm_decoder", adapter.llm)):
+        open_scopes = []
+        handles.append(module.register_forward_pre_hook(
+            lambda *_, label=label, scopes=open_scopes: scopes.append(torch.profiler.record_function(label).__enter__())))
+        handles.append(module.register_forward_hook(
+            lambda *_, scopes=open_scopes: scopes.pop().__exit__(None, None, None)))
+    return handles
+
+
 def profile_rows(model, inputs, specs: list[str | None]) -> list[dict]:
-    """One warm and one profiled prefill per setting: time by labelled step and the top operators."""
+    """One warm and one profiled prefill per setting: time by model stage, by labelled engine step
+    and scorer part, and the top operators."""
     label_steps()
-    rows = []
-    for spec in specs:
-        method = tokens.from_spec(spec) if spec else None
-        if method is not None:
-            for name in ("reduce", "scoring_token"):
-                _labelled(method, name, f"method.{name}")
-        with attached(model, method), torch.no_grad():
+    handles = label_stages(model)
+    try:
+        return [profile_one(model, inputs, spec) for spec in specs]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def profile_one(model, inputs, spec: str | None) -> dict:
+    method = tokens.from_spec(spec) if spec else None
+    if method is not None:
+        for name in ("reduce", "scoring_token"):
+            _labelled(method, name, f"method.{name}")
+    with attached(model, method), torch.no_grad():
+        model(**inputs, use_cache=True, **last_logits_only(model))
+        start = time.perf_counter()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
             model(**inputs, use_cache=True, **last_logits_only(model))
-            start = time.perf_counter()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-                model(**inputs, use_cache=True, **last_logits_only(model))
-            total = 1000 * (time.perf_counter() - start)
-        events = profiler.key_averages()
-        steps = {e.key: e.cpu_time_total / 1000 for e in events if e.key.split(".")[0] in
-                 ("engine", "method", "scorers", "ModelAdapter", "ClipTowerMixin", "IVTP")}
-        operators = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)
-        rows.append({"tokens": spec or "dense", "prefill_ms": total, "steps_ms": steps,
-                     "operators_self_ms": {e.key: e.self_cpu_time_total / 1000 for e in operators[:6]}})
-    return rows
+        total = 1000 * (time.perf_counter() - start)
+    events = profiler.key_averages()
+    steps = {e.key: e.cpu_time_total / 1000 for e in events if e.key.split(".")[0] in
+             ("model", "engine", "method", "scorers", "ModelAdapter", "ClipTowerMixin", "IVTP")}
+    operators = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)
+    return {"tokens": spec or "dense", "prefill_ms": total, "steps_ms": steps,
+            "operators_self_ms": {e.key: e.self_cpu_time_total / 1000 for e in operators[:6]}}
 
 
 def profile_table(rows: list[dict]) -> str:
     lines = ["| tokens | prefill ms (profiled) | step | ms | % of this prefill |", "|---|---:|---|---:|---:|"]
     for row in rows:
-        steps = sorted(row["steps_ms"].items(), key=lambda item: -item[1]) or [("(no engine)", 0.0)]
+        steps = sorted(row["steps_ms"].items(), key=lambda item: (not item[0].startswith("model."), -item[1]))
         for index, (step, ms) in enumerate(steps):
             head = f"{row['tokens']} | {row['prefill_ms']:.0f}" if index == 0 else " | "
             lines.append(f"| {head} | {step} | {ms:.1f} | {100 * ms / row['prefill_ms']:.1f} |")
@@ -640,8 +632,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise
                 rows = [row for row in rows if row["tokens"] != spec]
                 failed.append({"tokens": spec, "error": str(exc).splitlines()[0][:160]})
-        free = {row["tokens"]: FreeSelection.recorded(model, inputs, row["tokens"]) for row in rows
-                if row["tokens"].split(":")[0] in PROFILED}
+        free = {row["tokens"]: free_selection(model, inputs, tokens.from_spec(row["tokens"])) for row in rows
+                if row["tokens"] in (f"{name}:keep={scaled_keep(preset, 64)}" for name in PROFILED)}
         print(f"timing {len(rows)} settings and {len(free)} free selections x {args.repeats} rounds ...",
               file=sys.stderr, flush=True)
         timed_rounds(model, inputs, rows, args.repeats, args.new_tokens, free)

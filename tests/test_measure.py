@@ -102,3 +102,15 @@ def test_bad_settings_raise(llava):
         decode_tokens_per_s(model, inputs, new_tokens=1)
     with pytest.raises(VlmpruneError, match="repeats"):
         prefill_ms(model, inputs, repeats=0)
+
+
+def test_first_token_time_runs_no_decode_step(llava, monkeypatch):
+    model, inputs = llava
+    steps = []
+    handle = model.register_forward_pre_hook(lambda *_: steps.append(1))
+    monkeypatch.setattr(latency, "time", FakeClock([0, 1.5, 0.5, 0.5]))
+    try:
+        assert latency.first_token_ms(model, inputs) == pytest.approx(1500.0)
+        assert len(steps) == 1                           # the prefill alone
+    finally:
+        handle.remove()

@@ -95,14 +95,26 @@ def generation_timing(model: nn.Module, inputs: dict[str, Any], new_tokens: int 
     first generated token and the last)."""
     if new_tokens < 2:
         raise VlmpruneError(f"new_tokens={new_tokens}: decode throughput needs at least 2 new tokens")
+    start, times = _stepped_generation(model, inputs, new_tokens)
+    return 1000 * (times[0] - start), (len(times) - 1) / max(times[-1] - times[0], 1e-9)
+
+
+def first_token_ms(model: nn.Module, inputs: dict[str, Any]) -> float:
+    """The time to the first token of one greedy ``generate`` (as :func:`generation_timing` reads
+    it), with no decode step after it."""
+    start, times = _stepped_generation(model, inputs, 1)
+    return 1000 * (times[0] - start)
+
+
+def _stepped_generation(model: nn.Module, inputs: dict[str, Any], new_tokens: int) -> tuple[float, list[float]]:
+    """The start time and the time after each generated token of one greedy ``generate``."""
     clock = _StepClock(model)
     with torch.no_grad():
         _synchronize(model)
         start = time.perf_counter()
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                        stopping_criteria=StoppingCriteriaList([clock]))
-    first, steps = clock.times[0] - start, clock.times[-1] - clock.times[0]
-    return 1000 * first, (len(clock.times) - 1) / max(steps, 1e-9)
+    return start, clock.times
 
 
 def decode_tokens_per_s(model: nn.Module, inputs: dict[str, Any], method: TokenMethod | None = None,
