@@ -27,7 +27,9 @@ stand-in of the real width saved to a temporary directory, so IVTP's recorded co
                                [--repeats 5] [--keeps 64 128] [--tokens SPEC ...] [--threads 1]
                                [--markdown docs/BENCHMARKS.md] [--profile] [--ceiling] [--suite]
 
-``--suite`` runs the set ``make bench`` records (:data:`SUITE`, about 15 minutes on the 2-core build machine).
+``--suite`` runs the set ``make bench`` records (:data:`SUITE`): 18 minutes on the 2-core build machine on
+2026-12-07, a day its dense prefill ran 1.5x slower than on the quietest (14.6 minutes then, before the
+free selections and the shared builds).
 ``--ceiling`` times the LLM decoder alone at the dense and the pruned lengths: the hardware's limit.
 
 Prints a Markdown table and writes JSON (default benchmarks/results/speed.json, or speed_profile.json);
@@ -135,7 +137,10 @@ def built_model(preset: Preset, dtype: torch.dtype, device: str):
         directory = tempfile.TemporaryDirectory(prefix="vlmprune-speed-")   # removed with the build
         install_text_companion(model, Path(directory.name))
         _LAST_BUILT.update(key=key, model=model, directory=directory)
-    return _LAST_BUILT["model"]
+    model = _LAST_BUILT["model"]
+    # the FLOPs count builds its meta model from preset.config, and IVTP finds the LLM tokenizer by its path
+    preset.config._name_or_path = model.config._name_or_path
+    return model
 
 
 def real_inputs(preset: Preset, text_tokens: int, dtype: torch.dtype, batch: int = 1) -> dict[str, torch.Tensor]:
@@ -517,7 +522,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-# make bench: (JSON stem, arguments); about 15 minutes on the 2-core build machine
+# make bench: (JSON stem, arguments); its measured time is in the module docstring
 SUITE = (("speed", ["--new-tokens", "3"]),   # consecutive entries on one configuration share its build (built_model)
          ("speed_batch4", ["--batch", "4", "--keeps", "64", "--new-tokens", "2",
                            "--tokens", *(f"{name}:keep=64" for name in PROFILED)]),
