@@ -35,6 +35,7 @@ class FreeSelection(TokenMethod):
         return Reduction(keep=torch.arange(count, device=ctx.visual.device).expand(ctx.visual.shape[0], count))
 
     def spec(self) -> str:
+        """The counts by site, for reports (not a registered method: ``from_spec`` does not take it)."""
         return "free:" + ",".join(f"{site.where}{site.layer}={count}" for site, count in self._counts.items())
 
 
