@@ -649,8 +649,9 @@ def main(argv: list[str] | None = None) -> int:
                     raise
                 rows = [row for row in rows if row["tokens"] != spec]
                 failed.append({"tokens": spec, "error": str(exc).splitlines()[0][:160]})
+        referenced = {f"{name}:keep={scaled_keep(preset, 64)}" for name in PROFILED}
         free = {row["tokens"]: free_selection(model, inputs, tokens.from_spec(row["tokens"])) for row in rows
-                if row["tokens"] in (f"{name}:keep={scaled_keep(preset, 64)}" for name in PROFILED)}
+                if row["tokens"] in referenced}
         print(f"timing {len(rows)} settings and {len(free)} free selections x {args.repeats} rounds ...",
               file=sys.stderr, flush=True)
         timed_rounds(model, inputs, rows, args.repeats, args.new_tokens, free)

@@ -146,15 +146,19 @@ class IVTP(TokenMethod):
         vit, llm = scorers.ivtp_schedule(ctx.n_visual, target, len(self._vit_sites), len(self._llm_sites), threshold)
         vision = ctx.site.where == "vision"
         count = (vit if vision else llm)[(self._vit_sites if vision else self._llm_sites).index(ctx.site)]
-        layers = self.recorded_layers(ctx.site, None)
-        query = ctx.query if not vision else torch.full_like(ctx.visual[:, 0], ctx.cls)
-        query_row = scorers.grouped_rollout_row(ctx.attention, layers, query, self.rollout)
-        score = scorers.significance(query_row, ctx.values(layers[-1]), ctx.visual)
+        score = self.significance(ctx, self.recorded_layers(ctx.site, None))
         keep = self.select(ctx, score, min(count, ctx.visual.shape[1]))
         if vision and ctx.site == self._vit_sites[-1] and self._llm_sites:
             kept = scorers.gather_tokens(ctx.hidden, ctx.visual.gather(1, keep))
             self._meet(sequence=torch.cat([ctx.hidden[:, ctx.cls : ctx.cls + 1], kept], dim=1))
         return Reduction(keep=keep)
+
+    def significance(self, ctx: SiteContext, layers: list[int]) -> torch.Tensor:
+        """(B, V) Eq. 4 at this site: the rollout row over ``layers`` of [CLS] (vision) or of the
+        scoring query (LLM), weighted by the value norms of the group's last layer."""
+        query = torch.full_like(ctx.visual[:, 0], ctx.cls) if ctx.site.where == "vision" else ctx.query
+        row = scorers.grouped_rollout_row(ctx.attention, layers, query, self.rollout)
+        return scorers.significance(row, ctx.values(layers[-1]), ctx.visual)
 
     def select(self, ctx: SiteContext, score: torch.Tensor, count: int) -> torch.Tensor:
         """(B, count) indices into the current visual tokens: IVTP keeps the most significant."""

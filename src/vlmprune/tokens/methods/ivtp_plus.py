@@ -101,10 +101,7 @@ class IVTPPlus(IVTP):
         if self.at == "sites":
             return super().reduce(ctx)
         if ctx.site.where == "vision":
-            layers = self.recorded_layers(ctx.site, None)
-            query = torch.full_like(ctx.visual[:, 0], ctx.cls)
-            row = scorers.grouped_rollout_row(ctx.attention, layers, query, self.rollout)
-            score = scorers.significance(row, ctx.values(layers[-1]), ctx.visual)
+            score = self.significance(ctx, self.recorded_layers(ctx.site, None))
             if self.at == "input":      # prunes nothing here: the score waits for the projector outputs
                 ctx.state["relevance"] = score
                 return Reduction(keep=torch.arange(ctx.visual.shape[1], device=ctx.visual.device).expand_as(ctx.visual))
